@@ -1,0 +1,3 @@
+from cmdtool.cli import main
+
+main()

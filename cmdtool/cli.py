@@ -1,0 +1,343 @@
+"""The ``cmdtool`` command line: parse, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cmdtool import __version__
+from cmdtool.errors import CmdtoolError
+
+app = typer.Typer(
+    name="cmdtool",
+    help="Correlation Mode Decomposition of training runs: ingest checkpoints, "
+    "decompose them into a few modes, rebuild checkpoints from the model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Known errors: one line on stderr and the documented exit code; bugs: exit 1."""
+    try:
+        yield
+    except CmdtoolError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            raise
+        err.print("interrupted; the store keeps only complete epochs and results")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        err.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+            "(rerun with --debug for the traceback and report it)",
+            markup=True,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"cmdtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Correlation Mode Decomposition of training runs."""
+    _state["debug"] = debug
+
+
+@contextmanager
+def _progress(label: str, enabled: bool) -> Iterator[Callable[..., None] | None]:
+    """A rich progress bar on a terminal; nothing otherwise."""
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[what]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None, what="")
+
+        def update(done: int, total: int, what: str = "") -> None:
+            bar.update(task, completed=done, total=total, what=what)
+
+        yield update
+
+
+def _emit_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _labels_text(labels: list[int]) -> str:
+    if not labels:
+        return "none new"
+    if len(labels) <= 8:
+        return ", ".join(map(str, labels))
+    return f"{labels[0]}..{labels[-1]}"
+
+
+def _print_ingest(s: Any) -> None:
+    verb = "created" if s.created else "updated"
+    out.print(
+        f"{verb} {s.store}: +{len(s.added)} epoch(s) ({_labels_text(s.added)}), "
+        f"{s.n_epochs} in all, N = {s.n_params:,} parameters, {s.seconds:.1f} s",
+        highlight=False,
+    )
+    if s.skipped:
+        out.print(f"already in the store: {len(s.skipped)} epoch(s)", highlight=False)
+    keys = {k: n for k, n in s.state_keys.items() if k != "(top level)"}
+    if keys:
+        used = ", ".join(f"'{k}' ({n} files)" for k, n in keys.items())
+        out.print(f"tensors read from: {used}", highlight=False)
+
+
+def _print_modes(model: Any) -> None:
+    table = Table(title=f"CMD '{model.name_}': {model.n_modes_} modes")
+    table.add_column("mode", justify="right")
+    table.add_column("parameters", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("rel. error", justify="right")
+    table.add_column("reference column", justify="right")
+    total = max(int(model.mode_sizes_.sum()), 1)
+    for m in range(model.n_modes_):
+        table.add_row(
+            str(m),
+            f"{int(model.mode_sizes_[m]):,}",
+            f"{model.mode_sizes_[m] / total:.1%}",
+            f"{model.mode_errors_[m]:.4f}",
+            str(int(model.ref_index_[m])),
+        )
+    out.print(table)
+    out.print(
+        f"relative reconstruction error over the window: {model.relative_error_:.4f} "
+        f"({len(model.window_rows_)} epochs, {model.seconds_:.2f} s on {model.summary_['device']})",
+        highlight=False,
+    )
+
+
+def _decompose_json(model: Any) -> dict[str, Any]:
+    s = model.summary_
+    return {
+        "name": model.name_,
+        "n_modes": model.n_modes_,
+        "mode_sizes": s["mode_sizes"],
+        "mode_errors": s["mode_errors"],
+        "relative_error": s["relative_error"],
+        "seconds": s["seconds"],
+        "epochs": s["epochs"],
+        "samples": s["samples"],
+        "seed": s["seed"],
+        "device": s["device"],
+    }
+
+
+# ---------------------------------------------------------------------- commands
+SourceArg = Annotated[Path, typer.Argument(help="Folder of checkpoints.")]
+StoreArg = Annotated[Path, typer.Argument(help="Trajectory store (a zarr v3 folder).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
+NameOpt = Annotated[str, typer.Option("--name", help="Name of the decomposition subgroup.")]
+
+
+@app.command()
+def ingest(
+    source: SourceArg,
+    store: StoreArg,
+    pattern: Annotated[
+        str | None, typer.Option("--pattern", help="Glob picking checkpoint files or folders.")
+    ] = None,
+    include: Annotated[
+        str | None, typer.Option("--include", help="Keep only tensors whose name matches.")
+    ] = None,
+    exclude: Annotated[
+        str | None, typer.Option("--exclude", help="Drop tensors whose name matches.")
+    ] = None,
+    allow_nonfinite: Annotated[
+        bool, typer.Option("--allow-nonfinite", help="Store NaN/Inf instead of refusing.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Append the checkpoints of SOURCE that are not yet in STORE."""
+    from cmdtool.ingest import ingest as run_ingest
+
+    with _errors(), _progress("ingest", not as_json) as bar:
+        summary = run_ingest(
+            source,
+            store,
+            pattern=pattern,
+            include=include,
+            exclude=exclude,
+            allow_nonfinite=allow_nonfinite,
+            progress=bar,
+        )
+    if as_json:
+        _emit_json(vars(summary))
+    else:
+        _print_ingest(summary)
+
+
+@app.command()
+def decompose(
+    store: StoreArg,
+    modes: Annotated[
+        int | None, typer.Option("--modes", help="Number of modes [default: 10].")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Cut at t x max distance (0 < t <= 1).")
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", help="K, sampled parameters.")] = 1000,
+    epochs: Annotated[
+        str | None, typer.Option("--epochs", help="Window of epoch labels A:B (half-open).")
+    ] = None,
+    stride: Annotated[int, typer.Option("--stride", help="Every S-th epoch of the window.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    name: NameOpt = "cmd",
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the modes of STORE and fit every parameter to one (CMD)."""
+    from cmdtool.decompose import CMD
+    from cmdtool.errors import UsageError
+
+    with _errors(), _progress("decompose", not as_json) as bar:
+        if modes is not None and threshold is not None:
+            raise UsageError("give --modes or --threshold, not both")
+        model = CMD(
+            None if threshold is not None else (10 if modes is None else modes),
+            threshold=threshold,
+            n_samples=samples,
+            epochs=epochs,
+            stride=stride,
+            seed=seed,
+            device=device,
+        ).fit(store, name=name, progress=(lambda d, t: bar(d, t)) if bar else None)
+    if as_json:
+        _emit_json(_decompose_json(model))
+    else:
+        _print_modes(model)
+
+
+@app.command()
+def reconstruct(
+    store: StoreArg,
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder for the checkpoints.")],
+    epochs: Annotated[
+        str, typer.Option("--epochs", help="last, all, A:B (labels) or 3,7,10.")
+    ] = "last",
+    name: NameOpt = "cmd",
+    fmt: Annotated[str, typer.Option("--format", help="safetensors or pt.")] = "safetensors",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write checkpoints rebuilt from the decomposition, in the source's names and dtypes."""
+    from cmdtool.reconstruct import reconstruct as run_reconstruct
+
+    with _errors(), _progress("reconstruct", not as_json) as bar:
+        summary = run_reconstruct(store, out_dir, epochs=epochs, name=name, fmt=fmt, progress=bar)
+    if as_json:
+        _emit_json(vars(summary))
+    else:
+        out.print(f"wrote {len(summary.files)} checkpoint(s) to {out_dir}", highlight=False)
+
+
+@app.command()
+def info(store: StoreArg, as_json: JsonOpt = False) -> None:
+    """Epochs, tensors, size on disk and decompositions of STORE."""
+    from cmdtool.describe import describe
+
+    with _errors():
+        d = describe(store)
+    if as_json:
+        _emit_json(d)
+        return
+    labels = d["labels"]
+    out.print(f"store {d['store']} (format v{d['format_version']})", highlight=False)
+    out.print(
+        f"{d['n_epochs']} epochs"
+        + (f", labels {labels[0]}..{labels[-1]}" if labels else "")
+        + f"; N = {d['n_params']:,} modeled parameters in {len(d['params'])} tensors, "
+        f"{len(d['extras'])} other tensors; {d['disk_bytes'] / 1e6:.1f} MB on disk",
+        highlight=False,
+    )
+    table = Table(title="tensors")
+    for col in ("name", "shape", "dtype", "offset", "modeled"):
+        table.add_column(col)
+    for p in d["params"]:
+        table.add_row(p["name"], str(tuple(p["shape"])), p["dtype"], str(p["offset"]), "yes")
+    for e in d["extras"]:
+        table.add_row(e["name"], str(tuple(e["shape"])), e["dtype"], "", "no")
+    out.print(table)
+    for r in d["decompositions"]:
+        out.print(
+            f"decomposition '{r['name']}': {r['n_modes']} modes, window {r['window']} "
+            f"stride {r['stride']}, relative error {r['relative_error']:.4f}",
+            highlight=False,
+        )
+    if not d["decompositions"]:
+        out.print("no decomposition yet: run 'cmdtool decompose'", highlight=False)
+
+
+@app.command()
+def run(
+    source: SourceArg,
+    out_dir: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Folder for the store and results.")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Ingest SOURCE into OUT/store.zarr, decompose with defaults, rebuild the last epoch."""
+    from cmdtool.pipeline import run_all
+
+    with _errors(), _progress("run", not as_json) as bar:
+        result = run_all(source, out_dir, progress=bar)
+    if as_json:
+        _emit_json(
+            {
+                "ingest": vars(result.ingest),
+                "decompose": _decompose_json(result.model),
+                "reconstruct": vars(result.reconstruct),
+            }
+        )
+        return
+    _print_ingest(result.ingest)
+    _print_modes(result.model)
+    out.print(f"rebuilt {', '.join(result.reconstruct.files)} from the CMD model", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

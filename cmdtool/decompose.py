@@ -1,0 +1,307 @@
+"""The CMD estimator: sample, cluster, then one streamed pass that assigns and fits.
+
+Steps 1-4 of DESIGN.md run on the K sampled trajectories in memory (K x T'); steps 5-6
+stream column blocks of ``weights`` through :func:`cmdtool.kernels.fit_block` on the
+chosen torch device, reading the next block on a background thread while the device
+works on the current one. The N x T matrix is never held in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+
+from cmdtool.clustering import find_modes
+from cmdtool.epochs import select_window
+from cmdtool.errors import UsageError
+from cmdtool.kernels import References, fit_block, resolve_device
+from cmdtool.sampling import sample_indices
+from cmdtool.store import RESULT_ATTR, TrajectoryStore, check_result_name
+
+Progress = Callable[[int, int], None]
+MIN_EPOCHS = 3
+# Columns per kernel call: bounds the float64 temporaries to ~32 MB per (T' x n) copy.
+_KERNEL_ELEMENTS = 1 << 22
+
+
+def _as_store(store: TrajectoryStore | str | os.PathLike[str], mode: str) -> TrajectoryStore:
+    if isinstance(store, TrajectoryStore):
+        return store
+    return TrajectoryStore.open(store, mode=mode)
+
+
+class CMD:
+    """Correlation Mode Decomposition of a trajectory store (post-hoc CMD).
+
+    Parameters
+    ----------
+    n_modes : int or None, default 10
+        Number of modes to cut the linkage tree into (``maxclust``); the fit may find
+        fewer when the samples do not separate into that many. None with ``threshold``.
+    threshold : float, optional
+        Cut the tree at ``threshold`` times the largest pairwise distance instead
+        (0 < threshold <= 1). Give either ``n_modes`` or ``threshold``.
+    n_samples : int, default 1000
+        K, the number of sampled parameters that are clustered.
+    epochs : str, optional
+        The window as a half-open range of epoch labels ``"A:B"``; default all.
+    stride : int, default 1
+        Use every ``stride``-th epoch of the window.
+    seed : int, default 0
+        Seed of the sampling.
+    device : str, default "auto"
+        Torch device of the streamed pass: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Attributes
+    ----------
+    n_modes_ : int
+        Number of modes found.
+    ref_index_ : ndarray, int64, shape (M,)
+        Column of ``weights`` holding each mode's reference parameter.
+    ref_traj_ : ndarray, float32, shape (M, T')
+        The references over the window.
+    sample_index_ : ndarray, int64, shape (K,)
+    window_rows_ : ndarray, int64, shape (T',)
+        Store rows of the window.
+    mode_sizes_ : ndarray, int64, shape (M,)
+        Parameters assigned to each mode.
+    relative_error_ : float
+        ``||W - W_hat||_F / ||W||_F`` over the window.
+    mode_errors_ : ndarray, float64, shape (M,)
+        The same ratio restricted to each mode's parameters.
+    labels_, a_, b_ : ndarray, shape (N,)
+        Mode (int32) and affine coefficients (float32) of every parameter, read from
+        the store when first accessed.
+    """
+
+    def __init__(
+        self,
+        n_modes: int | None = 10,
+        *,
+        threshold: float | None = None,
+        n_samples: int = 1000,
+        epochs: str | None = None,
+        stride: int = 1,
+        seed: int = 0,
+        device: str = "auto",
+    ) -> None:
+        self.n_modes = n_modes
+        self.threshold = threshold
+        self.n_samples = n_samples
+        self.epochs = epochs
+        self.stride = stride
+        self.seed = seed
+        self.device = device
+
+    # ---------------------------------------------------------------- checking
+    def _check(self, store: TrajectoryStore) -> tuple[np.ndarray, int | None]:
+        n_modes = self.n_modes
+        if self.threshold is not None:
+            if not 0.0 < self.threshold <= 1.0:
+                raise UsageError(f"threshold={self.threshold} must be > 0 and <= 1")
+            n_modes = None
+        elif n_modes is None:
+            raise UsageError("give n_modes or threshold")
+        if self.n_samples < 1:
+            raise UsageError(f"samples={self.n_samples} must be >= 1")
+        if self.n_samples > store.n_params:
+            raise UsageError(
+                f"samples={self.n_samples} must be <= the number of parameters {store.n_params}"
+            )
+        if n_modes is not None and not 1 <= n_modes <= self.n_samples:
+            raise UsageError(
+                f"modes={n_modes} must be >= 1 and <= the number of sampled parameters "
+                f"{self.n_samples}"
+            )
+        if store.n_epochs == 0:
+            raise UsageError(f"store {store.path} holds no epoch; run 'cmdtool ingest' first")
+        rows = select_window(store.labels, self.epochs, self.stride)
+        if rows.size < MIN_EPOCHS:
+            raise UsageError(
+                f"the window holds {rows.size} epoch(s) "
+                f"(--epochs {self.epochs or 'all'}, --stride {self.stride}); "
+                f"CMD needs at least {MIN_EPOCHS}"
+            )
+        return rows, n_modes
+
+    # --------------------------------------------------------------------- fit
+    def fit(
+        self,
+        store: TrajectoryStore | str | os.PathLike[str],
+        *,
+        name: str = "cmd",
+        progress: Progress | None = None,
+    ) -> CMD:
+        """Decompose ``store`` and save the result in its subgroup ``name``.
+
+        The previous result of that name stays readable until the new one is complete.
+
+        Returns
+        -------
+        self
+        """
+        st = _as_store(store, "r+")
+        check_result_name(name)
+        rows, n_modes = self._check(st)
+        device = resolve_device(self.device)
+        t0 = time.perf_counter()
+
+        sample_index = sample_indices([p.size for p in st.params], self.n_samples, self.seed)
+        samples = st.read_columns(rows, sample_index).T  # (K, T')
+        modes = find_modes(samples, n_modes=n_modes, threshold=self.threshold)
+        ref_index = sample_index[modes.ref_rows]
+        ref_traj = np.ascontiguousarray(samples[modes.ref_rows])  # (M, T')
+        refs = References.from_trajectories(ref_traj, device)
+        m = refs.n_modes
+
+        group = st.begin_result(name)
+        try:
+            n = st.n_params
+            chunk = st.chunk
+            arrays = {
+                key: group.create_array(
+                    key,
+                    shape=(n,),
+                    chunks=(min(chunk, n),),
+                    dtype=dt,
+                    compressors=None,
+                    fill_value=0,
+                )
+                for key, dt in (("labels", "int32"), ("a", "float32"), ("b", "float32"))
+            }
+            err2 = np.zeros(m)
+            sq = np.zeros(m)
+            count = np.zeros(m, dtype=np.int64)
+            step = max(1, _KERNEL_ELEMENTS // rows.size)
+            for start, stop, block in _prefetched(st, rows):
+                x = torch.from_numpy(block)
+                if device.type == "cuda":
+                    x = x.pin_memory().to(device, non_blocking=True)
+                parts = [fit_block(x[:, j : j + step], refs) for j in range(0, stop - start, step)]
+                for key in ("labels", "a", "b"):
+                    arrays[key][start:stop] = np.concatenate([getattr(p, key) for p in parts])
+                for p in parts:
+                    err2 += p.err2
+                    sq += p.sq
+                    count += p.count
+                if progress is not None:
+                    progress(stop, n)
+            group.create_array("ref_index", data=ref_index.astype(np.int64))
+            group.create_array("ref_traj", data=ref_traj.astype(np.float32))
+            group.create_array("sample_index", data=sample_index.astype(np.int64))
+            seconds = time.perf_counter() - t0
+            total_sq = float(sq.sum())
+            rel = float(np.sqrt(err2.sum() / total_sq)) if total_sq > 0 else 0.0
+            mode_err = np.sqrt(np.divide(err2, sq, out=np.zeros(m), where=sq > 0))
+            attrs: dict[str, Any] = {
+                "format_version": 1,
+                "method": "cmd",
+                "n_modes": m,
+                "requested_modes": n_modes,
+                "threshold": self.threshold,
+                "samples": int(self.n_samples),
+                "seed": int(self.seed),
+                "window": self.epochs or ":",
+                "stride": int(self.stride),
+                "epochs": [st.labels[int(r)] for r in rows],
+                "rows": [int(r) for r in rows],
+                "mode_sizes": [int(c) for c in count],
+                "relative_error": rel,
+                "mode_errors": [float(e) for e in mode_err],
+                "seconds": seconds,
+                "device": str(device),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            group.attrs.put({RESULT_ATTR: attrs})
+            st.publish_result(name)
+        except BaseException:
+            st.discard_result(name)
+            raise
+        self._set_learned(st, name, attrs, ref_index, ref_traj, sample_index)
+        return self
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, store: TrajectoryStore | str | os.PathLike[str], name: str = "cmd") -> CMD:
+        """A fitted estimator from the decomposition ``name`` saved in ``store``."""
+        st = _as_store(store, "r")
+        group = st.open_result(name)
+        attrs: dict[str, Any] = dict(group.attrs[RESULT_ATTR])  # type: ignore[arg-type]
+        est = cls(
+            attrs.get("requested_modes"),
+            threshold=attrs.get("threshold"),
+            n_samples=attrs["samples"],
+            epochs=None if attrs.get("window") == ":" else attrs.get("window"),
+            stride=attrs.get("stride", 1),
+            seed=attrs.get("seed", 0),
+            device=attrs.get("device", "auto"),
+        )
+        est._set_learned(
+            st,
+            name,
+            attrs,
+            np.asarray(group["ref_index"][:], dtype=np.int64),  # type: ignore[index]
+            np.asarray(group["ref_traj"][:], dtype=np.float32),  # type: ignore[index]
+            np.asarray(group["sample_index"][:], dtype=np.int64),  # type: ignore[index]
+        )
+        return est
+
+    def _set_learned(
+        self,
+        st: TrajectoryStore,
+        name: str,
+        attrs: dict[str, Any],
+        ref_index: np.ndarray,
+        ref_traj: np.ndarray,
+        sample_index: np.ndarray,
+    ) -> None:
+        self.store_ = st
+        self.name_ = name
+        self.summary_ = attrs
+        self.n_modes_ = int(attrs["n_modes"])
+        self.ref_index_ = ref_index
+        self.ref_traj_ = ref_traj
+        self.sample_index_ = sample_index
+        self.window_rows_ = np.asarray(attrs["rows"], dtype=np.int64)
+        self.mode_sizes_ = np.asarray(attrs["mode_sizes"], dtype=np.int64)
+        self.relative_error_ = float(attrs["relative_error"])
+        self.mode_errors_ = np.asarray(attrs["mode_errors"], dtype=np.float64)
+        self.seconds_ = float(attrs["seconds"])
+
+    def _result_array(self, key: str) -> np.ndarray:
+        if not hasattr(self, "store_"):
+            raise AttributeError(f"{key}_ is set by fit(); call fit() or CMD.load() first")
+        return np.asarray(self.store_.open_result(self.name_)[key][:])  # type: ignore[index]
+
+    @property
+    def labels_(self) -> np.ndarray:
+        return self._result_array("labels")
+
+    @property
+    def a_(self) -> np.ndarray:
+        return self._result_array("a")
+
+    @property
+    def b_(self) -> np.ndarray:
+        return self._result_array("b")
+
+
+def _prefetched(st: TrajectoryStore, rows: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Column blocks of the window, the next one read while the caller works on this one."""
+    blocks = list(st.column_blocks())
+    if not blocks:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmdtool-read") as pool:
+        pending = pool.submit(st.read_block, rows, *blocks[0])
+        for i, (start, stop) in enumerate(blocks):
+            block = pending.result()
+            if i + 1 < len(blocks):
+                pending = pool.submit(st.read_block, rows, *blocks[i + 1])
+            yield start, stop, block

@@ -1,0 +1,342 @@
+"""Stream a folder of checkpoints into a trajectory store, one epoch at a time.
+
+Each checkpoint is opened lazily; its floating tensors are converted to float32 and
+written chunk by chunk into one new row of ``weights`` (a chunk-sized buffer, never a
+whole row), its other tensors into the same row of ``extras``, then the epoch is
+committed. A failure mid-epoch drops the uncommitted row, so the store is left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmdtool.checkpoints import (
+    Checkpoint,
+    CheckpointEntry,
+    canonical_name,
+    discover,
+    open_checkpoint,
+)
+from cmdtool.errors import MismatchError, NonFiniteError, UsageError
+from cmdtool.store import EpochInfo, ExtraInfo, ParamInfo, TrajectoryStore
+
+Progress = Callable[[int, int, str], None]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: the dtype names the store records."""
+    return str(dtype).removeprefix("torch.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Inverse of :func:`dtype_name`."""
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dt
+
+
+@dataclass
+class IngestSummary:
+    """What an ingest did."""
+
+    store: str
+    created: bool
+    added: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    n_params: int = 0
+    n_epochs: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    state_keys: dict[str, int] = field(default_factory=dict)
+
+
+class _NameFilter:
+    def __init__(self, include: str | None, exclude: str | None) -> None:
+        try:
+            self.include = re.compile(include) if include else None
+            self.exclude = re.compile(exclude) if exclude else None
+        except re.error as exc:
+            raise UsageError(f"--include/--exclude: invalid regular expression: {exc}") from None
+
+    def __call__(self, name: str) -> bool:
+        if self.include is not None and not self.include.search(name):
+            return False
+        return not (self.exclude is not None and self.exclude.search(name))
+
+
+def _layout_from(ckpt: Checkpoint, keep: _NameFilter) -> tuple[list[ParamInfo], list[ExtraInfo]]:
+    params: list[ParamInfo] = []
+    extras: list[ExtraInfo] = []
+    col = 0
+    byte = 0
+    for name in ckpt:
+        if not keep(name):
+            continue
+        shape, dtype = ckpt.spec(name)
+        if dtype.is_floating_point:
+            p = ParamInfo(name, tuple(shape), dtype_name(dtype), col)
+            params.append(p)
+            col += p.size
+        else:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            extras.append(ExtraInfo(name, tuple(shape), dtype_name(dtype), byte, nbytes))
+            byte += nbytes
+    return params, extras
+
+
+def _match_names(
+    store: TrajectoryStore,
+    ckpt: Checkpoint,
+    keep: _NameFilter,
+    entry: CheckpointEntry,
+    root: Path,
+) -> dict[str, str]:
+    """Map every store name to its name in ``ckpt``; a clear MismatchError otherwise.
+
+    Names are matched exactly; where a prefix such as ``module.`` or ``_orig_mod.``
+    came or went between epochs, they are matched on :func:`canonical_name`.
+    """
+    wanted = [p.name for p in store.params] + [e.name for e in store.extras]
+    present = [n for n in ckpt if keep(n)]
+    where = entry.relpath(root)
+    if set(wanted) == set(present):
+        return {n: n for n in wanted}
+    by_canon: dict[str, str] = {}
+    for n in present:
+        c = canonical_name(n)
+        if c in by_canon:
+            raise MismatchError(
+                f"{where}: tensors {by_canon[c]!r} and {n!r} differ only by a prefix; "
+                "cannot match them to the store"
+            )
+        by_canon[c] = n
+    mapping: dict[str, str] = {}
+    missing = []
+    for n in wanted:
+        src = n if n in present else by_canon.get(canonical_name(n))
+        if src is None:
+            missing.append(n)
+        else:
+            mapping[n] = src
+    extra = sorted(set(present) - set(mapping.values()))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {_names(missing)}")
+        if extra:
+            parts.append(f"not in the store {_names(extra)}")
+        raise MismatchError(
+            f"{where}: tensors differ from the store's ({'; '.join(parts)}); "
+            "ingest it into a new store, or filter with --include/--exclude"
+        )
+    return mapping
+
+
+def _names(names: list[str], most: int = 5) -> str:
+    s = sorted(names)
+    shown = ", ".join(repr(n) for n in s[:most])
+    return shown + (f" and {len(s) - most} more" if len(s) > most else "")
+
+
+def _row_blocks(
+    store: TrajectoryStore,
+    ckpt: Checkpoint,
+    mapping: dict[str, str],
+    label: int,
+    where: str,
+    allow_nonfinite: bool,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, values)`` chunk-aligned float32 pieces of one epoch's row."""
+    width = store.chunk
+    buf = np.empty(width, dtype=np.float32)
+    fill = 0
+    start = 0
+    for p in store.params:
+        src = mapping[p.name]
+        t = ckpt[src]
+        if tuple(t.shape) != p.shape:
+            raise MismatchError(
+                f"{where}: tensor {src!r} has shape {tuple(t.shape)}, the store has {p.shape}"
+            )
+        if not t.dtype.is_floating_point:
+            raise MismatchError(
+                f"{where}: tensor {src!r} is {dtype_name(t.dtype)}, the store models it as "
+                f"floating ({p.dtype})"
+            )
+        if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"{where}: tensor {src!r} of epoch {label} holds NaN or Inf; "
+                "pass --allow-nonfinite to store it anyway"
+            )
+        flat = t.reshape(-1)
+        i = 0
+        while i < p.size:
+            take = min(p.size - i, width - fill)
+            buf[fill : fill + take] = flat[i : i + take].to(torch.float32).numpy()
+            fill += take
+            i += take
+            if fill == width:
+                yield start, buf
+                start += width
+                fill = 0
+    if fill:
+        yield start, buf[:fill]
+
+
+def _extras_row(
+    store: TrajectoryStore, ckpt: Checkpoint, mapping: dict[str, str], where: str
+) -> np.ndarray:
+    out = np.empty(store.extras_nbytes, dtype=np.uint8)
+    for e in store.extras:
+        src = mapping[e.name]
+        t = ckpt[src]
+        if tuple(t.shape) != e.shape or dtype_name(t.dtype) != e.dtype:
+            raise MismatchError(
+                f"{where}: tensor {src!r} is {dtype_name(t.dtype)} {tuple(t.shape)}, "
+                f"the store has {e.dtype} {e.shape}"
+            )
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+        out[e.offset : e.offset + e.nbytes] = raw
+    return out
+
+
+def _remove_new_store(path: Path, keep_folder: bool) -> None:
+    """Undo a store created by a failed first ingest (an empty folder stays a folder)."""
+    if not keep_folder:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for child in path.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def ingest(
+    source: str | os.PathLike[str],
+    store_path: str | os.PathLike[str],
+    *,
+    pattern: str | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+) -> IngestSummary:
+    """Append the checkpoints of ``source`` that are not yet in the store.
+
+    Parameters
+    ----------
+    source : path
+        Folder of checkpoints (see :func:`cmdtool.checkpoints.discover`).
+    store_path : path
+        The store; created on first use.
+    pattern : str, optional
+        Glob picking checkpoint files or folders.
+    include, exclude : str, optional
+        Regular expressions on tensor names; only matching (resp. non-matching) tensors
+        are stored. Fixed when the store is created.
+    allow_nonfinite : bool
+        Store NaN / Inf values instead of refusing the checkpoint.
+    progress : callable(done, total, label), optional
+
+    Returns
+    -------
+    IngestSummary
+    """
+    import time
+
+    t0 = time.perf_counter()
+    root = Path(source)
+    entries = discover(root, pattern=pattern)
+    path = Path(store_path)
+    exists = (path / "zarr.json").exists()
+    keep = _NameFilter(include, exclude)
+    store: TrajectoryStore | None = None
+    if exists:
+        store = TrajectoryStore.open(path, mode="r+")
+        stored = store.filters
+        asked = {"include": include, "exclude": exclude}
+        if (include or exclude) and asked != {k: stored.get(k) for k in asked}:
+            raise UsageError(
+                f"store {path} was created with include={stored.get('include')!r} "
+                f"exclude={stored.get('exclude')!r}; re-ingest with the same filters or none"
+            )
+        keep = _NameFilter(stored.get("include"), stored.get("exclude"))
+    have = set(store.labels) if store else set()
+    todo = [e for e in entries if e.label not in have]
+    summary = IngestSummary(store=str(path), created=not exists)
+    summary.skipped = [e.label for e in entries if e.label in have]
+    if store is not None and todo and store.labels and todo[0].label < store.labels[-1]:
+        e = todo[0]
+        raise UsageError(
+            f"{e.relpath(root)}: epoch {e.label} is older than the store's last epoch "
+            f"{store.labels[-1]}; cmdtool only appends, ingest into a new store"
+        )
+    created_here = False
+    existed_before = path.exists()
+    try:
+        for done, entry in enumerate(todo):
+            where = entry.relpath(root)
+            with open_checkpoint(entry) as ckpt:
+                if store is None:
+                    params, extras = _layout_from(ckpt, keep)
+                    if not params:
+                        raise UsageError(
+                            f"{where}: no floating-point tensor to model"
+                            + (" after --include/--exclude" if include or exclude else "")
+                        )
+                    store = TrajectoryStore.create(
+                        path, params, extras, filters={"include": include, "exclude": exclude}
+                    )
+                    created_here = True
+                mapping = _match_names(store, ckpt, keep, entry, root)
+                row = store.begin_epoch()
+                try:
+                    for start, values in _row_blocks(
+                        store, ckpt, mapping, entry.label, where, allow_nonfinite
+                    ):
+                        store.write_row_block(row, start, values)
+                    store.write_extras_row(row, _extras_row(store, ckpt, mapping, where))
+                    dtypes = {}
+                    for p in store.params:
+                        dt = dtype_name(ckpt.spec(mapping[p.name])[1])
+                        if dt != p.dtype:
+                            dtypes[p.name] = dt
+                    store.commit_epoch(
+                        EpochInfo(
+                            label=entry.label,
+                            source=where,
+                            kind=entry.kind,
+                            state_key=ckpt.state_key,
+                            renamed={k: v for k, v in mapping.items() if k != v},
+                            dtypes=dtypes,
+                        )
+                    )
+                except BaseException:
+                    store.abort_epoch()
+                    raise
+                key = ckpt.state_key or "(top level)"
+                summary.state_keys[key] = summary.state_keys.get(key, 0) + 1
+            summary.added.append(entry.label)
+            summary.bytes_written += store.n_params * 4 + store.extras_nbytes
+            if progress is not None:
+                progress(done + 1, len(todo), where)
+    except BaseException:
+        if created_here and store is not None and store.n_epochs == 0:
+            _remove_new_store(path, existed_before)
+        raise
+    if store is None:
+        store = TrajectoryStore.open(path)
+    summary.n_params = store.n_params
+    summary.n_epochs = store.n_epochs
+    summary.seconds = time.perf_counter() - t0
+    return summary

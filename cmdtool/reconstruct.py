@@ -1,0 +1,153 @@
+"""Rebuild checkpoints from a decomposition: ``w_hat_i(t) = a_i * r_m(i)(t) + b_i``.
+
+One checkpoint is built in memory at a time, in the source's tensor names, shapes and
+dtypes; the model arrays (labels, a, b) are streamed chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from cmdtool.decompose import CMD
+from cmdtool.epochs import select_epochs
+from cmdtool.errors import StoreError, UsageError
+from cmdtool.ingest import torch_dtype
+from cmdtool.store import TrajectoryStore
+
+FORMATS = ("safetensors", "pt")
+
+
+def rebuild_state(model: CMD, label: int) -> dict[str, torch.Tensor]:
+    """The CMD checkpoint of epoch ``label``, as its source checkpoint names it.
+
+    Parameters
+    ----------
+    model : CMD
+        A fitted estimator (``CMD.load(store, name)``).
+    label : int
+        Any ingested epoch, inside the window or not.
+
+    Returns
+    -------
+    dict of str to Tensor
+        Modeled tensors rebuilt from the model, non-modeled ones copied from the epoch.
+    """
+    st = model.store_
+    row = st.row_of(label)
+    epoch = st.epochs[row]
+    r_t = st.read_columns(np.array([row]), np.sort(model.ref_index_))[0]
+    # read_columns wants sorted columns; put the values back in mode order
+    order = np.argsort(model.ref_index_, kind="stable")
+    ref_now = np.empty(model.n_modes_, dtype=np.float64)
+    ref_now[order] = r_t
+    group = st.open_result(model.name_)
+    labels_arr, a_arr, b_arr = group["labels"], group["a"], group["b"]
+    flat = np.empty(st.n_params, dtype=np.float32)
+    for start, stop in st.column_blocks():
+        lab = np.asarray(labels_arr[start:stop])  # type: ignore[index]
+        a = np.asarray(a_arr[start:stop], dtype=np.float64)  # type: ignore[index]
+        b = np.asarray(b_arr[start:stop], dtype=np.float64)  # type: ignore[index]
+        flat[start:stop] = a * ref_now[lab] + b
+    out: dict[str, torch.Tensor] = {}
+    values = torch.from_numpy(flat)
+    for p in st.params:
+        dt = torch_dtype(epoch.dtypes.get(p.name, p.dtype))
+        t = values[p.offset : p.offset + p.size].reshape(p.shape).to(dt)
+        out[epoch.renamed.get(p.name, p.name)] = t.clone() if dt == torch.float32 else t
+    raw = st.read_extras(row)
+    for e in st.extras:
+        dt = torch_dtype(e.dtype)
+        buf = bytearray(raw[e.offset : e.offset + e.nbytes])
+        t = torch.frombuffer(buf, dtype=dt) if e.nbytes else torch.empty(0, dtype=dt)
+        out[epoch.renamed.get(e.name, e.name)] = t.reshape(e.shape).clone()
+    return _in_source_order(st, epoch.renamed, out)
+
+
+def _in_source_order(
+    st: TrajectoryStore, renamed: dict[str, str], tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    order = {renamed.get(p.name, p.name): p.offset for p in st.params}
+    extras = {renamed.get(e.name, e.name): st.n_params + e.offset for e in st.extras}
+    order.update(extras)
+    return dict(sorted(tensors.items(), key=lambda kv: order[kv[0]]))
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via a temporary file in the same folder, then rename over ``path``."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class ReconstructSummary:
+    files: list[str]
+    epochs: list[int]
+
+
+def reconstruct(
+    store: TrajectoryStore | str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    epochs: str = "last",
+    name: str = "cmd",
+    fmt: str = "safetensors",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> ReconstructSummary:
+    """Write ``OUT/epoch_<label>.safetensors`` (or ``.pt``) for the chosen epochs.
+
+    Parameters
+    ----------
+    store : TrajectoryStore or path
+    out : path
+        Output folder, created if missing.
+    epochs : str
+        ``last``, ``all``, ``A:B`` (labels, half-open) or ``3,7,10``.
+    name : str
+        The decomposition to use.
+    fmt : {"safetensors", "pt"}
+    """
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    st = store if isinstance(store, TrajectoryStore) else TrajectoryStore.open(store)
+    model = CMD.load(st, name)
+    rows = select_epochs(st.labels, epochs)
+    out_dir = Path(out)
+    if out_dir.resolve() == st.path.resolve() or st.path.resolve() in out_dir.resolve().parents:
+        raise UsageError(f"output folder {out_dir} is inside the store {st.path}; pick another")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
+    files = []
+    labels = [st.labels[int(r)] for r in rows]
+    for i, label in enumerate(labels):
+        state = rebuild_state(model, label)
+        target = out_dir / f"epoch_{label}.{'safetensors' if fmt == 'safetensors' else 'pt'}"
+        if fmt == "safetensors":
+            _atomic_write(target, lambda p, s=state: save_file(s, p))  # type: ignore[misc]
+        else:
+            _atomic_write(target, lambda p, s=state: torch.save(s, p))  # type: ignore[misc]
+        files.append(str(target))
+        if progress is not None:
+            progress(i + 1, len(labels), target.name)
+    return ReconstructSummary(files=files, epochs=labels)

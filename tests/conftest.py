@@ -1,0 +1,132 @@
+"""Shared helpers: planted trajectories written as real checkpoint files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "sample_checkpoints"
+
+# name, shape, dtype of the planted model's tensors (floating ones are modeled)
+LAYOUT: list[tuple[str, tuple[int, ...], torch.dtype]] = [
+    ("conv.weight", (16, 4, 3, 3), torch.float32),
+    ("conv.bias", (16,), torch.float32),
+    ("bn.weight", (16,), torch.float32),
+    ("bn.running_mean", (16,), torch.float32),
+    ("bn.num_batches_tracked", (), torch.int64),
+    ("fc.weight", (40, 64), torch.float32),
+    ("fc.bias", (40,), torch.float32),
+]
+
+
+def n_modeled(layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]] = LAYOUT) -> int:
+    return sum(int(np.prod(s)) for _, s, dt in layout if dt.is_floating_point)
+
+
+def planted(n: int, t: int, m: int, *, seed: int = 0, noise: float = 0.01):
+    """Trajectories from m known random-walk profiles: w_i = a_i p_{g(i)} + b_i + noise.
+
+    Returns (W float64 (n, t), groups (n,), profiles (m, t)).
+    """
+    rng = np.random.default_rng(seed)
+    profiles = np.cumsum(rng.normal(size=(m, t)), axis=1)
+    groups = rng.integers(0, m, size=n)
+    a = rng.uniform(0.5, 2.0, size=n) * rng.choice([-1.0, 1.0], size=n)
+    b = rng.normal(size=n)
+    w = a[:, None] * profiles[groups] + b[:, None] + noise * rng.normal(size=(n, t))
+    return w, groups, profiles
+
+
+def state_dicts(
+    w: np.ndarray,
+    layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]] = LAYOUT,
+    prefix: str = "",
+) -> list[dict[str, torch.Tensor]]:
+    """One state dict per epoch (column of w), tensors filled from w in layout order."""
+    out = []
+    for t in range(w.shape[1]):
+        col = 0
+        sd: dict[str, torch.Tensor] = {}
+        for name, shape, dt in layout:
+            if dt.is_floating_point:
+                size = int(np.prod(shape))
+                sd[prefix + name] = torch.tensor(w[col : col + size, t]).reshape(shape).to(dt)
+                col += size
+            else:
+                sd[prefix + name] = torch.full(shape, 100 * (t + 1), dtype=dt)
+        out.append(sd)
+    return out
+
+
+def write_run(
+    folder: Path,
+    sds: Sequence[dict[str, torch.Tensor]],
+    *,
+    name: Callable[[int], str] = lambda e: f"epoch_{e}.safetensors",
+    labels: Sequence[int] | None = None,
+) -> list[Path]:
+    """Write each state dict as ``folder/name(label)``: safetensors or torch by suffix."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, sd in enumerate(sds):
+        label = labels[i] if labels is not None else i + 1
+        p = folder / name(label)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.suffix == ".safetensors":
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(p))
+        elif p.suffix == ".ckpt":
+            torch.save({"epoch": label, "global_step": 10 * label, "state_dict": sd}, p)
+        else:
+            torch.save(sd, p)
+        paths.append(p)
+    return paths
+
+
+def to_store_order(w: np.ndarray, params: Sequence[dict]) -> np.ndarray:
+    """Rows of w (LAYOUT order) rearranged into a store's column order.
+
+    ``params`` is the store's documented ``params`` list (name, shape, offset); safetensors
+    files list tensors sorted by name, so the store's order is not LAYOUT's.
+    """
+    start = {}
+    col = 0
+    for name, shape, dt in LAYOUT:
+        if dt.is_floating_point:
+            start[name] = col
+            col += int(np.prod(shape))
+    pieces = []
+    for p in sorted(params, key=lambda d: d["offset"]):
+        size = int(np.prod(p["shape"]))
+        s0 = start[p["name"].split("module.")[-1]]
+        pieces.append(w[s0 : s0 + size])
+    return np.concatenate(pieces)
+
+
+def store_params(store: Path) -> list[dict]:
+    """The ``params`` list of a store, read with plain zarr."""
+    import zarr
+
+    return list(zarr.open_group(store, mode="r").attrs["cmdtool"]["params"])
+
+
+def tree_digest(path: Path) -> dict[str, bytes]:
+    """Every file under path with its bytes: to check a store is exactly as it was."""
+    return {
+        str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()
+    }
+
+
+@pytest.fixture
+def planted_run(tmp_path: Path):
+    """A 12-epoch safetensors run of 3 planted modes; returns (folder, W float64 (N, T), groups)."""
+    n = n_modeled()
+    w, groups, _ = planted(n, 12, 3, seed=3)
+    folder = tmp_path / "run"
+    write_run(folder, state_dicts(w))
+    return folder, w, groups

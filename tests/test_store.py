@@ -1,0 +1,71 @@
+"""The store format is public: check it with plain zarr, and the commit protocol."""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from cmdtool.errors import StoreError, StoreNotFoundError
+from cmdtool.ingest import ingest
+from cmdtool.store import TrajectoryStore
+from tests.conftest import LAYOUT, to_store_order, tree_digest
+
+
+def test_layout_readable_with_plain_zarr(planted_run, tmp_path):
+    folder, w, _ = planted_run
+    store = tmp_path / "s.zarr"
+    ingest(folder, store)
+    g = zarr.open_group(store, mode="r")
+    meta = g.attrs["cmdtool"]
+    assert meta["format_version"] == 1
+    weights = g["weights"]
+    assert weights.dtype == np.float32 and weights.shape == (w.shape[1], w.shape[0])
+    # row t = every modeled tensor of epoch t, C order, concatenated in params order
+    floating = {n: s for n, s, dt in LAYOUT if dt.is_floating_point}
+    assert {p["name"]: tuple(p["shape"]) for p in meta["params"]} == floating
+    sizes = [int(np.prod(p["shape"])) for p in meta["params"]]
+    assert [p["offset"] for p in meta["params"]] == np.cumsum([0, *sizes])[:-1].tolist()
+    assert np.array_equal(weights[:], to_store_order(w, meta["params"]).T.astype(np.float32))
+    assert [e["label"] for e in meta["epochs"]] == list(range(1, 13))
+    assert meta["epochs"][0]["source"] == "epoch_1.safetensors"
+    # the non-floating buffer is kept per epoch as raw little-endian bytes
+    (extra,) = meta["extras"]
+    assert extra["name"] == "bn.num_batches_tracked" and extra["dtype"] == "int64"
+    raw = np.asarray(g["extras"][:]).view("<i8")[:, 0]
+    assert raw.tolist() == [100 * (t + 1) for t in range(12)]
+    # the group metadata is a plain JSON document
+    assert json.loads((store / "zarr.json").read_text())["attributes"]["cmdtool"] == meta
+
+
+def test_uncommitted_row_is_invisible_and_dropped(planted_run, tmp_path):
+    folder, _, _ = planted_run
+    store = tmp_path / "s.zarr"
+    ingest(folder, store)
+    st = TrajectoryStore.open(store, mode="r+")
+    row = st.begin_epoch()  # an interrupted append: data written, never committed
+    st.write_row_block(row, 0, np.full(st.n_params, 9.0, dtype=np.float32))
+    assert zarr.open_group(store, mode="r")["weights"].shape[0] == 13
+    reader = TrajectoryStore.open(store)
+    assert reader.n_epochs == 12
+    TrajectoryStore.open(store, mode="r+")  # the next writer drops the leftover row
+    assert zarr.open_group(store, mode="r")["weights"].shape[0] == 12
+
+
+def test_newer_format_and_foreign_folders_are_refused(planted_run, tmp_path):
+    folder, _, _ = planted_run
+    store = tmp_path / "s.zarr"
+    ingest(folder, store)
+    g = zarr.open_group(store, mode="r+")
+    meta = dict(g.attrs["cmdtool"])
+    meta["format_version"] = 2
+    g.attrs["cmdtool"] = meta
+    before = tree_digest(store)
+    with pytest.raises(StoreError, match=r"format_version 2.*reads version 1; upgrade cmdtool"):
+        TrajectoryStore.open(store)
+    assert tree_digest(store) == before
+    with pytest.raises(StoreNotFoundError, match="store not found"):
+        TrajectoryStore.open(tmp_path / "nope")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StoreError, match="not a cmdtool store"):
+        TrajectoryStore.open(tmp_path / "plain")
