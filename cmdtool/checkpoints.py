@@ -10,9 +10,22 @@ Recognised layouts, directly inside the SOURCE folder:
 * Lightning checkpoints ``*.ckpt`` (kind ``"lightning"``).
 
 Training by-products (optimizer, scheduler, scaler and RNG states, ``training_args.bin``)
-are recognised by name and never opened. Pickle-based files are only ever read with
-``torch.load(..., weights_only=True)``: a file that would need arbitrary code to be
-unpickled raises :class:`~cmdtool.errors.UnsafeCheckpointError` instead of being loaded.
+are recognised by name and never opened.
+
+Every file is checked before it is decoded:
+
+* a safetensors file's header is validated with plain reads (size limits, JSON layout,
+  dtypes, shapes, and data offsets that tile the rest of the file exactly) before
+  :func:`safetensors.safe_open` sees it;
+* a zip-format torch file must be a complete archive of stored records whose CRC-32
+  checksums match, so a flipped bit or a truncated download is an error rather than
+  silently different weights;
+* pickle-based files are only ever read with ``torch.load(..., weights_only=True)``
+  (passed explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it off): a
+  file that would need arbitrary code to be unpickled raises
+  :class:`~cmdtool.errors.UnsafeCheckpointError` instead of being loaded, unless the
+  globals it names are listed in ``allow_globals``, in which case inert placeholders
+  stand in for them and none of their code is imported or run.
 """
 
 from __future__ import annotations
@@ -21,12 +34,16 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Iterator, Mapping
+import struct
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from safetensors import safe_open
@@ -91,8 +108,45 @@ _LOOKED_FOR = (
 _EPOCH_RE = re.compile(r"epoch[=_-]*(\d+)", re.IGNORECASE)
 _STEP_RE = re.compile(r"(?:checkpoint-|step[=_-])(\d+)", re.IGNORECASE)
 _DIGITS_RE = re.compile(r"\d+")
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+#: A global the weights-only unpickler refused, as its error message names it.
+_REFUSED_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)")
+#: What ``allow_globals`` accepts: a dotted ``module.QualName``.
+_QUALNAME_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+#: Most distinct refused globals looked for when explaining why a file is unsafe.
+_MAX_GLOBALS = 256
 _ZIP_MAGIC = b"PK\x03\x04"
+#: Local file header of a zip record: signature ... file name length, extra field length.
+_ZIP_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+_ZIP_LOCAL_SIGNATURE = 0x04034B50
+_CHUNK = 1 << 20
+#: safetensors refuses headers longer than this (``MAX_HEADER_SIZE``); so does cmdtool.
+_ST_MAX_HEADER = 100_000_000
+#: Bytes per element of each safetensors dtype code.
+_ST_ITEMSIZE: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
+}
+#: safetensors dtype codes of fewer than 8 bits per element, which cmdtool refuses.
+_ST_SUBBYTE = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
+#: Element counts must fit torch's int64 sizes (offsets are bounded by the file size).
+_INT64_MAX = 2**63 - 1
 
 
 def _safetensors_dtypes() -> dict[str, torch.dtype]:
@@ -267,7 +321,7 @@ def _read_index(index: Path) -> dict[str, str]:
     """Read and validate the ``weight_map`` of a Hugging Face shard index."""
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"cannot read shard index {index}: {exc}") from exc
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -291,7 +345,12 @@ def _read_index(index: Path) -> dict[str, str]:
 def _index_shards(index: Path) -> tuple[Path, ...]:
     shards = sorted(set(_read_index(index).values()))
     files = tuple(index.parent / shard for shard in shards)
-    missing = [f.name for f in files if not f.is_file()]
+    try:
+        missing = [f.name for f in files if not f.is_file()]
+    except OSError as exc:  # e.g. a shard name too long for the file system
+        raise CheckpointError(
+            f"shard index {index} names a shard that cannot be used: {exc}"
+        ) from exc
     if missing:
         raise CheckpointError(
             f"shard index {index} lists shard(s) that are missing: {', '.join(missing)}"
@@ -433,48 +492,235 @@ class _Reader(Protocol):
     def close(self) -> None: ...
 
 
+# ---------------------------------------------------------------- safetensors header
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    """One tensor of a validated safetensors header."""
+
+    code: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _ST_DTYPES[self.code]
+
+
+class _DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing duplicate keys (which readers resolve differently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    """``parse_constant`` refusing ``NaN`` and ``Infinity``, which JSON does not have."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int  # not bool, not float
+
+
+def _element_count(shape: list[int], limit: int) -> int | None:
+    """``prod(shape)``, or None once a partial product (in order) exceeds ``limit``."""
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count > limit:
+            return None
+    return count
+
+
+def _tensor_info(name: str, entry: object, data_size: int) -> _TensorInfo:
+    """Validate one tensor entry of a safetensors header; raise ValueError if invalid."""
+    where = f"tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} is described by a {type(entry).__name__}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise ValueError(f"{where} has no {key!r}")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(code, str):
+        raise ValueError(f"{where} has dtype {code!r}, not a dtype code")
+    if code in _ST_SUBBYTE:
+        raise ValueError(f"{where} has the sub-byte dtype {code}, which cmdtool does not read")
+    if code not in _ST_ITEMSIZE:
+        raise ValueError(f"{where} has the unknown dtype {code!r}")
+    if code not in _ST_DTYPES:
+        raise ValueError(f"{where} has dtype {code}, which this torch build does not support")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ValueError(f"{where} has shape {shape!r}, not a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and o >= 0 for o in offsets)
+    ):
+        raise ValueError(
+            f"{where} has data_offsets {offsets!r}, not a pair of non-negative integers"
+        )
+    begin, end = offsets
+    if begin > end:
+        raise ValueError(f"{where} has data_offsets [{begin}, {end}] that end before they begin")
+    if end > data_size:
+        raise ValueError(
+            f"{where} ends at byte {end} of the data, but the file holds only {data_size} "
+            "bytes of data (truncated?)"
+        )
+    count = _element_count(shape, _INT64_MAX)
+    if count is None:
+        raise ValueError(f"{where} has shape {shape}, too many elements for a tensor")
+    claimed = count * _ST_ITEMSIZE[code]
+    if claimed != end - begin:
+        raise ValueError(
+            f"{where} claims {claimed} bytes (shape {shape} of {code}) but its offsets "
+            f"span {end - begin}"
+        )
+    return _TensorInfo(code=code, shape=tuple(shape), begin=begin, end=end)
+
+
+def _parse_safetensors_header(raw: bytes, data_size: int) -> dict[str, _TensorInfo]:
+    """Validate a safetensors JSON header against the data size; raise ValueError."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"its header is not UTF-8 ({exc})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        # JSON may escape lone surrogates, which are no text: names must be real strings.
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise ValueError("its header is nested too deeply to be a safetensors header") from None
+    except ValueError as exc:  # JSONDecodeError, duplicate keys, surrogates, huge ints
+        raise ValueError(f"its header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+    infos: dict[str, _TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":  # optional; null reads as absent, as in safetensors
+            if entry is not None and (
+                not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values())
+            ):
+                raise ValueError("its '__metadata__' is not an object of strings to strings")
+            continue
+        infos[name] = _tensor_info(name, entry, data_size)
+    position = 0
+    for name, info in sorted(infos.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin != position:
+            what = "a gap of" if info.begin > position else "an overlap of"
+            raise ValueError(
+                f"tensor {name!r} starts at byte {info.begin} of the data, leaving "
+                f"{what} {abs(info.begin - position)} bytes after the previous tensor"
+            )
+        position = info.end
+    if position != data_size:
+        raise ValueError(
+            f"its tensors cover {position} bytes of data but the file holds {data_size} "
+            f"({data_size - position} trailing bytes)"
+        )
+    return infos
+
+
+def _read_safetensors_header(path: Path) -> dict[str, _TensorInfo]:
+    """Validate a safetensors file with plain reads, before any library maps it.
+
+    Reads the 8-byte header length and then the header itself (at most
+    :data:`_ST_MAX_HEADER` bytes, and never more than the file holds); nothing is
+    allocated in proportion to a size the file merely claims.
+    """
+    try:
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(
+                    f"invalid safetensors file {path}: it is {size} bytes long, too short "
+                    "for the 8-byte header length (truncated?)"
+                )
+            length = int.from_bytes(prefix, "little")
+            if length > _ST_MAX_HEADER:
+                raise CheckpointError(
+                    f"invalid safetensors file {path}: its header claims {length} bytes, "
+                    f"more than the {_ST_MAX_HEADER} safetensors allows (corrupt?)"
+                )
+            if length > size - 8:
+                raise CheckpointError(
+                    f"invalid safetensors file {path}: its header claims {length} bytes but "
+                    f"only {size - 8} follow the header length (truncated?)"
+                )
+            raw = fh.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
+    if len(raw) != length:
+        raise CheckpointError(f"cannot read safetensors file {path}: it shrank while read")
+    try:
+        return _parse_safetensors_header(raw, size - 8 - length)
+    except ValueError as exc:
+        raise CheckpointError(f"invalid safetensors file {path}: {exc}") from None
+
+
 class _SafetensorsReader:
-    """Lazy reader of one safetensors file (memory-mapped by safetensors)."""
+    """Lazy reader of one validated safetensors file (memory-mapped by safetensors)."""
 
     state_key: str | None = None
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._infos = _read_safetensors_header(path)
+        self._handle: Any = None
         try:
-            self._handle: Any = safe_open(str(path), framework="pt")
+            self._handle = safe_open(str(path), framework="pt")
             keys = getattr(self._handle, "offset_keys", self._handle.keys)()
+            self._names: list[str] = [str(key) for key in keys]
         except Exception as exc:
+            self.close()
             raise CheckpointError(
                 f"cannot read safetensors file {path} (truncated or corrupt?): {exc}"
             ) from exc
-        self._names: list[str] = list(keys)
+        if len(self._names) != len(self._infos) or set(self._names) != set(self._infos):
+            self.close()
+            raise CheckpointError(
+                f"cannot read safetensors file {path}: safetensors lists other tensors than "
+                "its header does (corrupt?)"
+            )
 
     def names(self) -> list[str]:
         return self._names
 
+    def _live(self) -> Any:
+        if self._handle is None:
+            raise ValueError(f"checkpoint {self.path} is closed")
+        return self._handle
+
     def get(self, name: str) -> torch.Tensor:
+        info = self._infos[name]
+        handle = self._live()
         try:
-            tensor = self._handle.get_tensor(name)
+            tensor = handle.get_tensor(name)
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor {name!r} from {self.path}: {exc}") from exc
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"tensor {name!r} of {self.path} did not load as a tensor")
+        if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+            raise CheckpointError(
+                f"tensor {name!r} of {self.path} loaded as {tensor.dtype} {tuple(tensor.shape)}"
+                f", but its header says {info.code} {list(info.shape)}"
+            )
         return tensor
 
     def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        try:
-            view = self._handle.get_slice(name)
-            shape = tuple(int(n) for n in view.get_shape())
-            code = str(view.get_dtype())
-        except Exception as exc:
-            raise CheckpointError(f"cannot read tensor {name!r} from {self.path}: {exc}") from exc
-        dtype = _ST_DTYPES.get(code)
-        if dtype is None:
-            raise CheckpointError(
-                f"tensor {name!r} of {self.path} has dtype {code}, which this torch build "
-                "does not support"
-            )
-        return shape, dtype
+        info = self._infos[name]
+        return info.shape, info.dtype
 
     def close(self) -> None:
         handle, self._handle = self._handle, None
@@ -485,47 +731,7 @@ class _SafetensorsReader:
                 pass
 
 
-def _unsafe_globals(path: Path, message: str) -> list[str]:
-    """Names of the globals that keep ``path`` from loading with ``weights_only=True``."""
-    try:
-        found = [str(g) for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
-    except Exception:
-        found = []
-    return found or sorted(set(_GLOBAL_RE.findall(message)))
-
-
-def _unpickler_reason(message: str) -> str:
-    """The useful sentence of torch's long weights-only error message."""
-    marker = "WeightsUnpickler error:"
-    reason = message.split(marker, 1)[1] if marker in message else message
-    reason = reason.split("Check the documentation", 1)[0]
-    reason = re.sub(r"\x1b\[[0-9;]*m", "", reason)
-    return " ".join(reason.split()) or "rejected by the weights-only unpickler"
-
-
-def _load_error(path: Path, exc: BaseException) -> CheckpointError:
-    """Turn a ``torch.load(weights_only=True)`` failure into the matching error."""
-    message = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in message:
-        reason = _unpickler_reason(message)
-        globals_ = _unsafe_globals(path, message)
-        if globals_:
-            return UnsafeCheckpointError(
-                f"refusing to load {path}: unpickling it would run code from "
-                f"{', '.join(globals_)}, and cmdtool loads checkpoints with weights_only=True "
-                "only. In a trusted environment, re-save just the weights (e.g. "
-                "torch.save(model.state_dict(), ...) or safetensors) and ingest those"
-            )
-        if "Unsupported operand" in reason:
-            return CheckpointError(
-                f"cannot read checkpoint {path}: corrupt or not a torch checkpoint ({reason})"
-            )
-        return UnsafeCheckpointError(
-            f"refusing to load {path}: it cannot be loaded with weights_only=True ({reason}). "
-            "In a trusted environment, re-save just the weights (e.g. "
-            "torch.save(model.state_dict(), ...) or safetensors) and ingest those"
-        )
-    return CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {message}")
+# ------------------------------------------------------------------ torch / pickle
 
 
 def _is_zip(path: Path) -> bool:
@@ -536,18 +742,285 @@ def _is_zip(path: Path) -> bool:
         return False
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``, memory-mapped when the format allows."""
+def _check_zip_record(fh: Any, size: int, info: zipfile.ZipInfo) -> str | None:
+    """What is wrong with one record of a torch zip archive, or None."""
+    name = info.filename
+    if info.flag_bits & 0x1:
+        return f"record {name!r} is encrypted"
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        return f"record {name!r} is compressed (method {info.compress_type}); torch stores records"
+    fh.seek(info.header_offset)
+    local = fh.read(_ZIP_LOCAL_HEADER.size)
+    if len(local) != _ZIP_LOCAL_HEADER.size:
+        return f"record {name!r} starts past the end of the file (truncated?)"
+    fields = _ZIP_LOCAL_HEADER.unpack(local)
+    if fields[0] != _ZIP_LOCAL_SIGNATURE:
+        return f"record {name!r} has no local header where the directory puts it"
+    flags, name_len, extra_len = fields[2], fields[9], fields[10]
+    local_name = fh.read(name_len).decode("utf-8" if flags & 0x800 else "cp437")
+    if local_name != info.orig_filename:
+        return f"record {name!r} is named {local_name!r} in its local header"
+    start = info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
+    if start + info.file_size > size:
+        return f"record {name!r} runs past the end of the file (truncated?)"
+    if info.CRC == 0:  # written with torch.serialization.set_crc32_options(False)
+        return None
+    fh.seek(start)
+    crc, left = 0, info.file_size
+    while left:
+        chunk = fh.read(min(left, _CHUNK))
+        if not chunk:
+            return f"record {name!r} runs past the end of the file (truncated?)"
+        crc = zlib.crc32(chunk, crc)
+        left -= len(chunk)
+    if crc != info.CRC:
+        return f"record {name!r} fails its CRC-32 check (its bytes changed since it was written)"
+    return None
+
+
+def _verify_zip(path: Path) -> None:
+    """Check a zip-format torch file is a complete archive whose records match their CRC-32.
+
+    ``torch.load`` checks no checksum, so without this a flipped bit in a tensor or in
+    the pickle would load as silently different weights (or names). Records written
+    without a checksum (CRC 0, see ``torch.serialization.set_crc32_options``) are only
+    checked for completeness. Reads the file once in 1 MiB chunks.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        if isinstance(exc, pickle.UnpicklingError) or _is_zip(path):
-            raise _load_error(path, exc) from exc
-    # Not a zip archive: the legacy torch format (or garbage), which mmap cannot map.
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            with zipfile.ZipFile(fh) as archive:
+                infos = archive.infolist()
+            if not infos:
+                problem: str | None = "the archive holds no records"
+            else:
+                problem = None
+                for info in infos:
+                    problem = _check_zip_record(fh, size, info)
+                    if problem:
+                        break
+    except Exception as exc:  # zipfile raises many kinds on a damaged archive
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a valid zip archive (truncated or corrupt?): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if problem:
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt zip archive: {problem}")
+
+
+class _InertObject(dict[str, Any]):
+    """Inert stand-in for a global named in ``allow_globals``.
+
+    The weights-only unpickler may create it (``NEWOBJ``), call it (``REDUCE``) with any
+    arguments and give it any state (``BUILD``, through :meth:`__setstate__`); it keeps
+    that state and runs nothing. Being a dict, it reads as an empty mapping.
+    """
+
+    qualname: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _InertObject:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass  # not dict.__init__: the arguments are the real class's, not a dict's
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_state"] = state
+
+    def __repr__(self) -> str:
+        return f"<inert placeholder for {self.qualname}>"
+
+
+class _InertMapping:
+    """Stand-in for an allowed global pickled as a dict subclass (with ``SETITEMS``).
+
+    The unpickler only sets items on exact ``dict``, ``OrderedDict`` and ``Counter``
+    objects, so constructing it yields a plain :class:`collections.Counter`, which also
+    takes instance state (``BUILD``) as attributes.
+    """
+
+    qualname: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Counter[Any]:  # type: ignore[misc]
+        return Counter()
+
+
+class _InertSequence:
+    """Stand-in for an allowed global pickled as a list subclass (with ``APPENDS``)."""
+
+    qualname: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> list[Any]:  # type: ignore[misc]
+        return []
+
+
+_InertKind = type[_InertObject] | type[_InertMapping] | type[_InertSequence]
+
+
+def _inert_class(index: int, qualname: str, base: _InertKind) -> type:
+    """A fresh subclass of ``base`` standing in for ``qualname`` during one load."""
+    name = f"_Inert{index}"
+    return type(name, (base,), {"__module__": __name__, "__qualname__": name, "qualname": qualname})
+
+
+def _weights_only_load(path: Path, allow_globals: Sequence[str], *, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)``, with inert placeholders for ``allow_globals``.
+
+    The placeholders are registered with :func:`torch.serialization.safe_globals` for the
+    duration of the load only; the real objects are never imported. A placeholder that
+    the file fills with items (a pickled dict or list subclass) is swapped for a mapping
+    or sequence stand-in and the load retried, at most once per name.
+    """
+    names = list(dict.fromkeys(allow_globals))
+    kinds: dict[str, _InertKind] = dict.fromkeys(names, _InertObject)
+    while True:
+        classes = {name: _inert_class(i, name, kinds[name]) for i, name in enumerate(names)}
+        try:
+            with torch.serialization.safe_globals([(cls, name) for name, cls in classes.items()]):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as exc:
+            message = str(exc)
+            if "SETITEM" in message:
+                swap: _InertKind = _InertMapping
+            elif "append to lists" in message or "extend lists" in message:
+                swap = _InertSequence
+            else:
+                raise
+            misused = [
+                name
+                for name, cls in classes.items()
+                if kinds[name] is _InertObject and f"'{__name__}.{cls.__qualname__}'" in message
+            ]
+            if not misused:
+                raise
+            kinds[misused[0]] = swap
+
+
+def _refused_globals(message: str) -> set[str]:
+    """The globals a weights-only error message says were refused, as full names."""
+    # torch prints builtins without their module ("GLOBAL getattr"): put it back.
+    return {n if "." in n else f"builtins.{n}" for n in _REFUSED_GLOBAL_RE.findall(message)}
+
+
+def _needed_globals(
+    path: Path, allow_globals: Sequence[str], exc: BaseException, *, mmap: bool
+) -> tuple[list[str], str | None]:
+    """The globals beyond ``allow_globals`` that ``path`` needs to load.
+
+    Returns
+    -------
+    names : list of str
+        Sorted; empty if the refusal was not about globals.
+    blocker : str or None
+        None if allowing ``names`` too makes the file load (checked by loading it with
+        placeholders, which runs none of their code); else why it still would not.
+    """
+    allowed = set(allow_globals)
+    found = _refused_globals(str(exc))
+    if mmap:  # zip format: torch can list the globals without unpickling
+        try:
+            found |= {str(g) for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)}
+        except Exception:
+            pass
+    found -= allowed
+    if not found:
+        return [], None
+    blocker: str | None = None
+    for _ in range(_MAX_GLOBALS):
+        try:
+            _weights_only_load(path, [*allow_globals, *sorted(found)], mmap=mmap)
+        except Exception as retry:
+            new = _refused_globals(str(retry)) - found - allowed
+            blocker = _unpickler_reason(str(retry))
+            if not new or len(found) >= _MAX_GLOBALS:
+                break
+            found |= new
+        else:
+            blocker = None
+            break
+    return sorted(found), blocker
+
+
+def _unpickler_reason(message: str) -> str:
+    """The useful sentence of torch's long weights-only error message."""
+    for marker in ("WeightsUnpickler error:", "from a trusted source."):
+        if marker in message:
+            message = message.split(marker, 1)[1]
+            break
+    reason = message.split("Check the documentation", 1)[0]
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", reason)
+    return " ".join(reason.split()) or "rejected by the weights-only unpickler"
+
+
+_RESAVE_HINT = (
+    "re-save just the weights (e.g. torch.save(model.state_dict(), ...) or safetensors) "
+    "in a trusted environment and ingest those"
+)
+
+
+def _unsafe_error(
+    path: Path, names: list[str], blocker: str | None, allow_globals: Sequence[str]
+) -> UnsafeCheckpointError:
+    """The refusal of a file that needs the pickled globals ``names``."""
+    listed = ", ".join(names)
+    beyond = (
+        f" beyond those allowed ({', '.join(sorted(set(allow_globals)))})" if allow_globals else ""
+    )
+    head = (
+        f"refusing to load {path}: unpickling it needs the global(s) {listed}{beyond}, "
+        "which could run code, and cmdtool loads pickles with weights_only=True only"
+    )
+    if blocker is None:
+        flags = " ".join(f"--allow-global {name}" for name in names)
+        return UnsafeCheckpointError(
+            f"{head}. If you trust them, pass --allow-global QUALNAME for each ({flags}): "
+            "cmdtool then puts inert placeholders in their place, never imports or runs "
+            f"them, and uses only the tensors. Otherwise, {_RESAVE_HINT}"
+        )
+    return UnsafeCheckpointError(
+        f"{head}; even with --allow-global for each it could not be loaded ({blocker}). "
+        f"Instead, {_RESAVE_HINT}"
+    )
+
+
+def _load_error(
+    path: Path, exc: BaseException, allow_globals: Sequence[str], *, mmap: bool
+) -> CheckpointError:
+    """Turn a ``torch.load(weights_only=True)`` failure into the matching error."""
+    message = str(exc)
+    if not (isinstance(exc, pickle.UnpicklingError) or "weights_only" in message):
+        return CheckpointError(
+            f"cannot read checkpoint {path} (truncated or corrupt?): "
+            f"{message or type(exc).__name__}"
+        )
+    names, blocker = _needed_globals(path, allow_globals, exc, mmap=mmap)
+    if names:
+        return _unsafe_error(path, names, blocker, allow_globals)
+    reason = _unpickler_reason(message)
+    if "Unsupported operand" in reason:
+        return CheckpointError(
+            f"cannot read checkpoint {path}: corrupt or not a torch checkpoint ({reason})"
+        )
+    return UnsafeCheckpointError(
+        f"refusing to load {path}: it cannot be loaded with weights_only=True ({reason}). "
+        f"Instead, {_RESAVE_HINT}"
+    )
+
+
+def _torch_load(path: Path, allow_globals: Sequence[str] = ()) -> Any:
+    """Load a torch / Lightning file safely; every failure is a :class:`CheckpointError`.
+
+    Zip-format files are verified (:func:`_verify_zip`) and then memory-mapped; legacy
+    files (which cannot be mapped) are read whole. ``weights_only=True`` is always passed
+    explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` has no effect.
+    """
+    mmap = _is_zip(path)
+    if mmap:
+        _verify_zip(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        return _weights_only_load(path, allow_globals, mmap=mmap)
     except Exception as exc:
-        raise _load_error(path, exc) from exc
+        raise _load_error(path, exc, allow_globals, mmap=mmap) from exc
 
 
 def _tensors_of(value: Any) -> dict[str, torch.Tensor]:
@@ -583,9 +1056,9 @@ def _select_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | 
 class _TorchReader:
     """Reader of one torch / Lightning file; tensors are memory-mapped when possible."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, allow_globals: Sequence[str] = ()) -> None:
         self.path = path
-        tensors, self.state_key = _select_state(_torch_load(path), path)
+        tensors, self.state_key = _select_state(_torch_load(path, allow_globals), path)
         self._tensors: dict[str, torch.Tensor] | None = tensors
 
     def _live(self) -> dict[str, torch.Tensor]:
@@ -608,10 +1081,10 @@ class _TorchReader:
         self._tensors = None
 
 
-def _open_file(path: Path) -> _Reader:
+def _open_file(path: Path, allow_globals: Sequence[str] = ()) -> _Reader:
     if path.suffix.lower() == ".safetensors":
         return _SafetensorsReader(path)
-    return _TorchReader(path)
+    return _TorchReader(path, allow_globals)
 
 
 # ---------------------------------------------------------------------- checkpoint
@@ -745,18 +1218,42 @@ def _check_shards(entry: CheckpointEntry, readers: list[_Reader]) -> None:
         )
 
 
-def open_checkpoint(entry: CheckpointEntry) -> Checkpoint:
+def _check_allow_globals(allow_globals: Sequence[str] | str) -> tuple[str, ...]:
+    """Validate ``allow_globals``: dotted names, no duplicates (a lone str is one name)."""
+    names = (allow_globals,) if isinstance(allow_globals, str) else tuple(allow_globals)
+    bad = [name for name in names if not isinstance(name, str) or not _QUALNAME_RE.fullmatch(name)]
+    if bad:
+        raise UsageError(
+            f"--allow-global {bad[0]!r} is invalid: give the qualified name of a pickled "
+            "global as the refusal message prints it, e.g. argparse.Namespace"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def open_checkpoint(entry: CheckpointEntry, *, allow_globals: Sequence[str] = ()) -> Checkpoint:
     """Open one checkpoint for reading, safely.
 
-    safetensors files are opened with :func:`safetensors.safe_open` and read tensor by
-    tensor. Pickle-based files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``) are read with
-    ``torch.load(map_location="cpu", weights_only=True, mmap=True)`` (``mmap=False``
-    for the legacy non-zip format); the unsafe loader is never used.
+    safetensors files are validated (header size, JSON layout, known dtypes, shapes
+    matching data offsets that tile the file exactly) with plain reads, then opened with
+    :func:`safetensors.safe_open` and read tensor by tensor. Pickle-based files (``.pt``,
+    ``.pth``, ``.bin``, ``.ckpt``) are read with ``torch.load(map_location="cpu",
+    weights_only=True, mmap=True)`` (``mmap=False`` for the legacy non-zip format), after
+    checking that a zip-format file is complete and matches its CRC-32 checksums; the
+    unsafe loader is never used, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
 
     Parameters
     ----------
     entry : CheckpointEntry
         An entry from :func:`discover`.
+    allow_globals : sequence of str, optional
+        Qualified names (``"module.QualName"``, as the refusal message prints them) of
+        pickled globals a torch / Lightning file may name, typically classes in its
+        hyper-parameters (e.g. ``"argparse.Namespace"``). Each is replaced, for the
+        duration of the load only, by an inert placeholder that accepts whatever the
+        pickle constructs it with and runs nothing; the real object is never imported.
+        Only the state-dict tensors are used. Globals not listed still cause a refusal.
+        The placeholders are registered in torch's process-wide safe-globals list while
+        a file loads, so loads in other threads may see them meanwhile.
 
     Returns
     -------
@@ -766,18 +1263,23 @@ def open_checkpoint(entry: CheckpointEntry) -> Checkpoint:
     Raises
     ------
     UnsafeCheckpointError
-        A pickle-based file would need code execution (pickled globals) to load; the
-        message names the file and, where they can be told, the globals.
+        A pickle-based file would need code execution (pickled globals not in
+        ``allow_globals``) to load; the message names the file and all the globals
+        still needed, sorted, and the ``--allow-global`` options that would let it load.
     CheckpointError
-        A file is missing, truncated or corrupt, holds no tensors, or a sharded
-        checkpoint disagrees with its index.
+        A file is missing, truncated or corrupt (an invalid safetensors header, a zip
+        record that fails its checksum, ...), holds no tensors, or a sharded checkpoint
+        disagrees with its index.
+    UsageError
+        A name in ``allow_globals`` is not a dotted qualified name.
     """
+    allowed = _check_allow_globals(allow_globals)
     if not entry.files:
         raise CheckpointError(f"checkpoint {entry.path} lists no weight files")
     readers: list[_Reader] = []
     try:
         for path in entry.files:
-            readers.append(_open_file(path))
+            readers.append(_open_file(path, allowed))
         sharded = entry.kind == "hf" and (
             len(entry.files) > 1 or entry.files[0].name not in _HF_SINGLE_FILES
         )

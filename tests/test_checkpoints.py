@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -228,7 +229,7 @@ def test_hf_sharded_index(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "bad", ["../evil.safetensors", "/tmp/evil.safetensors", "sub/x.safetensors"]
-)
+)  # an absolute path, a ../ path, a sub-folder
 def test_hf_shard_outside_folder_rejected(tmp_path: Path, bad: str) -> None:
     source = tmp_path / "run"
     folder = source / "checkpoint-1"
@@ -532,3 +533,415 @@ def test_close(tmp_path: Path) -> None:
             ckpt["fc.weight"]
         ckpt.close()  # idempotent
         assert torch.equal(kept, sd()["fc.weight"])  # returned tensors stay valid
+
+
+# ------------------------------------------------------------- safetensors validation
+
+
+def st_file(
+    path: Path,
+    header: object,
+    data: bytes = b"",
+    *,
+    length: int | None = None,
+    raw: bytes | None = None,
+) -> Path:
+    """Write a safetensors-like file: u64 length, a JSON header (or raw bytes), data."""
+    text = raw if raw is not None else json.dumps(header).encode()
+    n = len(text) if length is None else length
+    path.write_bytes(n.to_bytes(8, "little") + text + data)
+    return path
+
+
+def fc_header(begin: int = 0, end: int = 24, **entry: object) -> dict[str, object]:
+    return {"fc.weight": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end], **entry}}
+
+
+@pytest.fixture
+def no_safe_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if an invalid file reaches safetensors.safe_open."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("safe_open was handed a file that failed validation")
+
+    monkeypatch.setattr("cmdtool.checkpoints.safe_open", refuse)
+
+
+def open_single(path: Path, **kwargs: object) -> Checkpoint:
+    (entry,) = discover(path.parent)
+    return open_checkpoint(entry, **kwargs)  # type: ignore[arg-type]
+
+
+def test_safetensors_size_mismatch_message(tmp_path: Path, no_safe_open: None) -> None:
+    header = {"fc.weight": {"dtype": "F32", "shape": [10, 100], "data_offsets": [0, 3996]}}
+    path = st_file(tmp_path / "epoch_3.safetensors", header, bytes(3996))
+    with pytest.raises(CheckpointError) as info:
+        open_single(path)
+    assert "epoch_3.safetensors: tensor 'fc.weight' claims 4000 bytes" in str(info.value)
+    assert "but its offsets span 3996" in str(info.value)
+    assert not isinstance(info.value, UnsafeCheckpointError)
+
+
+D24 = bytes(24)
+BAD_SAFETENSORS: list[tuple[str, dict[str, object], str]] = [
+    ("too-short", {"raw": b"\x01\x02\x03", "header": None}, "too short"),
+    ("header-over-limit", {"header": fc_header(), "length": 100_000_001}, "100000000"),
+    ("header-past-eof", {"header": fc_header(), "length": 10_000}, r"only \d+ follow"),
+    ("header-length-max", {"header": fc_header(), "length": 2**64 - 1}, "100000000"),
+    ("not-utf8", {"raw": b'{"\xff": 1}', "header": None}, "not UTF-8"),
+    ("not-json", {"raw": b"{not json}", "header": None}, "not valid JSON"),
+    ("not-object", {"header": [1, 2]}, "not an object"),
+    ("duplicate-key", {"raw": b'{"a": {}, "a": {}}', "header": None}, "twice"),
+    ("nan", {"raw": b'{"__metadata__": {"a": NaN}}', "header": None}, "NaN"),
+    ("lone-surrogate", {"raw": b'{"\\ud800": {}}', "header": None}, "not valid JSON"),
+    ("metadata-not-str", {"header": {"__metadata__": {"a": 1}, **fc_header()}}, "metadata"),
+    ("metadata-list", {"header": {"__metadata__": ["a"], **fc_header()}}, "metadata"),
+    ("entry-not-object", {"header": {"fc.weight": [1]}}, "not an object"),
+    ("no-dtype", {"header": {"w": {"shape": [0], "data_offsets": [0, 0]}}}, "no 'dtype'"),
+    ("unknown-dtype", {"header": fc_header(dtype="F33")}, "unknown dtype 'F33'"),
+    ("sub-byte-dtype", {"header": fc_header(dtype="F4")}, "sub-byte"),
+    ("negative-dim", {"header": fc_header(shape=[-2, -3])}, "non-negative"),
+    ("float-dim", {"header": fc_header(shape=[2.0, 3])}, "non-negative integers"),
+    ("bool-dim", {"header": fc_header(shape=[True, 6])}, "non-negative integers"),
+    ("huge-dims", {"header": fc_header(shape=[2**40, 2**40, 0])}, "too many elements"),
+    ("three-offsets", {"header": fc_header(data_offsets=[0, 12, 24])}, "pair"),
+    ("negative-offset", {"header": fc_header(-4, 20)}, "non-negative"),
+    ("reversed-offsets", {"header": fc_header(24, 0)}, "end before they begin"),
+    ("past-data", {"header": fc_header(0, 24), "data": bytes(20)}, r"truncated\?"),
+    ("gap", {"header": fc_header(4, 28), "data": bytes(28)}, "gap of 4 bytes"),
+    ("trailing", {"header": fc_header(), "data": bytes(30)}, "6 trailing bytes"),
+    (
+        "overlap",
+        {
+            "header": {
+                "a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
+                "b": {"dtype": "U8", "shape": [8], "data_offsets": [4, 12]},
+            },
+            "data": bytes(12),
+        },
+        "overlap of 4 bytes",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"), [(spec, match) for _, spec, match in BAD_SAFETENSORS],
+    ids=[case for case, _, _ in BAD_SAFETENSORS],
+)  # fmt: skip
+def test_invalid_safetensors_refused_before_safe_open(
+    tmp_path: Path, no_safe_open: None, spec: dict[str, object], match: str
+) -> None:
+    path = tmp_path / "epoch_1.safetensors"
+    if spec.get("raw") is not None and spec["raw"] == b"\x01\x02\x03":
+        path.write_bytes(b"\x01\x02\x03")
+    else:
+        st_file(
+            path,
+            spec["header"],
+            spec.get("data", D24),  # type: ignore[arg-type]
+            length=spec.get("length"),  # type: ignore[arg-type]
+            raw=spec.get("raw"),  # type: ignore[arg-type]
+        )
+    with pytest.raises(CheckpointError, match=match) as info:
+        open_single(path)
+    assert "epoch_1.safetensors" in str(info.value)
+
+
+def test_safetensors_huge_claims_allocate_nothing(tmp_path: Path, no_safe_open: None) -> None:
+    """Claims of huge headers or tensors are refused without allocating for them."""
+    import tracemalloc
+
+    claims = {
+        "header": (fc_header(), 99_999_999),  # a 100 MB header in a 60-byte file
+        "tensor": (fc_header(0, 2**62, shape=[2**60]), None),  # a 4 EiB tensor
+    }
+    for case, (header, length) in claims.items():
+        (tmp_path / case).mkdir()
+        path = st_file(tmp_path / case / "epoch_1.safetensors", header, D24, length=length)
+        tracemalloc.start()
+        try:
+            with pytest.raises(CheckpointError):
+                open_single(path)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 1_000_000, (case, peak)
+
+
+def test_safetensors_edge_cases_accepted(tmp_path: Path) -> None:
+    """What the format allows: metadata (or null), zero-size tensors, leading space."""
+    header = {
+        "__metadata__": {"format": "pt", "note": "x"},
+        "none": {"dtype": "F32", "shape": [0, 5], "data_offsets": [0, 0]},
+        "also_none": {"dtype": "I64", "shape": [3, 0], "data_offsets": [0, 0]},
+        "w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]},
+        "i": {"dtype": "I64", "shape": [], "data_offsets": [4, 12]},
+    }
+    data = torch.tensor([1.5, -2.0], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    data += (7).to_bytes(8, "little", signed=True)
+    path = st_file(tmp_path / "epoch_1.safetensors", header, data)
+    with open_single(path) as ckpt:
+        assert ckpt.spec("none") == ((0, 5), torch.float32)
+        assert torch.equal(ckpt["w"], torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
+        assert ckpt["i"].item() == 7 and ckpt.spec("i") == ((), torch.int64)
+    header["__metadata__"] = None  # safetensors reads null as no metadata
+    st_file(path, header, data, raw=b" " + json.dumps(header).encode())
+    with open_single(path) as ckpt:
+        assert set(ckpt) == {"none", "also_none", "w", "i"}
+
+
+def test_hf_shard_validated_too(tmp_path: Path) -> None:
+    a, b = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    st_file(folder / a, fc_header(), D24)  # valid
+    st_file(folder / b, {"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8))
+    index = {"weight_map": {"fc.weight": a, "x": b}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (entry,) = discover(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"{b}: tensor 'x' claims 12 bytes"):
+        open_checkpoint(entry)
+
+
+# -------------------------------------------------------------- zip integrity checks
+
+
+def _record_data_offset(path: Path, suffix: str) -> int:
+    """Where the bytes of the zip record whose name ends with ``suffix`` start."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+    with path.open("rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+@pytest.mark.parametrize("where", ["data/0", "data.pkl"])
+def test_torch_zip_flipped_bit_detected(tmp_path: Path, where: str) -> None:
+    """torch.load checks no checksum: cmdtool verifies each record's CRC-32 first."""
+    path = tmp_path / "epoch_1.pt"
+    torch.save(sd(), path)
+    data = bytearray(path.read_bytes())
+    data[_record_data_offset(path, where) + 9] ^= 0x04
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"epoch_1\.pt.*CRC-32") as info:
+        open_single(path)
+    assert not isinstance(info.value, UnsafeCheckpointError)
+
+
+def test_torch_zip_without_crcs_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "epoch_1.pt"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(sd(), path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with open_single(path) as ckpt:
+        assert_same(ckpt, sd())
+
+
+# ------------------------------------------------------------------- allow_globals
+
+#: Calls into HParams' own code; unpickling with its real class would record here.
+SIDE_EFFECTS: list[str] = []
+
+
+class HParams:
+    """A hyper-parameter object whose unpickling would run (and record) its code."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> HParams:
+        SIDE_EFFECTS.append("__new__")
+        return super().__new__(cls)
+
+    def __init__(self, lr: float = 0.1) -> None:
+        self.lr = lr
+        self.layers = [64, 32]
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        SIDE_EFFECTS.append("__setstate__")
+        self.__dict__.update(state)
+
+
+class AttrDict(dict):  # type: ignore[type-arg]
+    """A dict subclass, as Lightning's AttributeDict: pickled with SETITEMS."""
+
+    def __setitem__(self, key: object, value: object) -> None:
+        SIDE_EFFECTS.append("AttrDict.__setitem__")
+        super().__setitem__(key, value)
+
+
+class Layers(list):  # type: ignore[type-arg]
+    """A list subclass: pickled with APPENDS."""
+
+    def extend(self, values: object) -> None:
+        SIDE_EFFECTS.append("Layers.extend")
+        super().extend(values)  # type: ignore[arg-type]
+
+
+def qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def write_lightning_with_hparams(path: Path, hparams: dict[str, object]) -> dict[str, torch.Tensor]:
+    weights = {"model." + k: v for k, v in sd(5).items()}
+    torch.save(
+        {"epoch": 5, "global_step": 50, "state_dict": weights, "hyper_parameters": hparams}, path
+    )
+    SIDE_EFFECTS.clear()  # pickling may call into the classes; only loading matters
+    return weights
+
+
+def test_allow_globals_loads_with_inert_placeholders(tmp_path: Path) -> None:
+    import argparse
+
+    path = tmp_path / "epoch=5-step=50.ckpt"
+    weights = write_lightning_with_hparams(
+        path, {"config": HParams(0.5), "args": argparse.Namespace(lr=0.5, name="mlp")}
+    )
+    needed = sorted(["argparse.Namespace", qualname(HParams)])
+    with pytest.raises(UnsafeCheckpointError) as info:
+        open_single(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert ", ".join(needed) in message  # all of them, sorted
+    assert "--allow-global QUALNAME" in message
+    for name in needed:
+        assert f"--allow-global {name}" in message
+
+    with pytest.raises(UnsafeCheckpointError) as info:  # one allowed: the other still refused
+        open_single(path, allow_globals=["argparse.Namespace"])
+    assert qualname(HParams) in str(info.value) and "beyond those allowed" in str(info.value)
+    assert "--allow-global argparse.Namespace" not in str(info.value)
+
+    with open_single(path, allow_globals=needed) as ckpt:
+        assert ckpt.state_key == "state_dict"
+        assert_same(ckpt, weights)
+    assert SIDE_EFFECTS == []  # HParams' code never ran
+
+    # the tripwire works: a (trusted, here) full unpickle does run HParams' code
+    torch.load(path, weights_only=False)
+    assert "__setstate__" in SIDE_EFFECTS and "__new__" in SIDE_EFFECTS
+
+
+def test_allow_globals_dict_and_list_subclasses(tmp_path: Path) -> None:
+    path = tmp_path / "epoch=5-step=50.ckpt"
+    attrs = AttrDict()
+    dict.__setitem__(attrs, "lr", 0.1)
+    attrs.note = "x"  # type: ignore[attr-defined]
+    layers = Layers()
+    list.extend(layers, [64, 32])
+    weights = write_lightning_with_hparams(path, {"attrs": attrs, "layers": layers})
+    names = [qualname(AttrDict), qualname(Layers)]
+    with pytest.raises(UnsafeCheckpointError, match=", ".join(sorted(names))):
+        open_single(path)
+    with open_single(path, allow_globals=names) as ckpt:
+        assert_same(ckpt, weights)
+    assert SIDE_EFFECTS == []
+
+
+def test_allow_globals_custom_state_dict_class(tmp_path: Path) -> None:
+    """A state dict pickled as a dict subclass is still found, as a plain mapping."""
+    path = tmp_path / "epoch_2.pt"
+    state = AttrDict()
+    for name, tensor in sd(2).items():
+        dict.__setitem__(state, name, tensor)
+    torch.save({"state_dict": state}, path)
+    SIDE_EFFECTS.clear()
+    with open_single(path, allow_globals=[qualname(AttrDict)]) as ckpt:
+        assert_same(ckpt, sd(2))
+    assert SIDE_EFFECTS == []
+
+
+def test_unsafe_legacy_file_names_all_globals(tmp_path: Path) -> None:
+    path = tmp_path / "epoch_1.pt"
+    torch.save(
+        {"w": torch.ones(2), "x": Tripwire(), "cfg": HParams()},
+        path,
+        _use_new_zipfile_serialization=False,
+    )
+    SIDE_EFFECTS.clear()
+    needed = sorted([qualname(HParams), f"{__name__}._tripped"])
+    with pytest.raises(UnsafeCheckpointError, match=", ".join(needed)):
+        open_single(path)
+    with open_single(path, allow_globals=needed) as ckpt:
+        assert torch.equal(ckpt["w"], torch.ones(2))
+    assert SIDE_EFFECTS == []
+
+
+def test_blocked_module_refused_even_if_allowed(tmp_path: Path) -> None:
+    class CallsOs:
+        def __reduce__(self) -> tuple[object, tuple[()]]:
+            return os.getcwd, ()
+
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"w": torch.ones(2), "x": CallsOs()}, path)
+    refused = f"{os.getcwd.__module__}.getcwd"  # posix.getcwd
+    with pytest.raises(UnsafeCheckpointError, match=rf"{refused}.*could not be loaded"):
+        open_single(path)
+    with pytest.raises(UnsafeCheckpointError, match="blocked"):
+        open_single(path, allow_globals=[refused])
+
+
+@pytest.mark.parametrize("bad", ["Namespace", "", "a..b", "a.b c", "1a.b", "os.system()"])
+def test_allow_globals_must_be_qualnames(tmp_path: Path, bad: str) -> None:
+    path = tmp_path / "epoch_1.pt"
+    torch.save(sd(), path)
+    with pytest.raises(UsageError, match="--allow-global"):
+        open_single(path, allow_globals=[bad])
+
+
+def test_force_no_weights_only_env_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """weights_only=True is passed explicitly, so torch's escape hatch cannot open it."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    path = tmp_path / "epoch_1.ckpt"
+    write_lightning_with_hparams(path, {"config": HParams(), "trip": Tripwire("env")})
+    with pytest.raises(UnsafeCheckpointError, match="_tripped"):
+        open_single(path)
+    with open_single(path, allow_globals=[qualname(HParams), f"{__name__}._tripped"]) as ckpt:
+        assert len(ckpt) == len(sd())
+    assert SIDE_EFFECTS == []  # and UNPICKLED stays empty (checked by the autouse fixture)
+
+
+# ---------------------------------------------------------------- sharded index paths
+
+
+@pytest.mark.parametrize(
+    "bad", ["..\\evil.safetensors", "C:evil.safetensors", "..", "/abs/model.safetensors"]
+)
+def test_hf_shard_path_forms_rejected(tmp_path: Path, bad: str) -> None:
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    save_file({"w": torch.ones(2)}, str(folder / "model-00001-of-00001.safetensors"))
+    index = {"weight_map": {"w": bad}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="plain file names"):
+        discover(tmp_path)
+
+
+def test_hf_index_maps_tensor_to_shard_without_it(tmp_path: Path) -> None:
+    a, b = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    save_file({"x": torch.ones(2)}, str(folder / a))
+    save_file({"z": torch.ones(3)}, str(folder / b))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"x": a, "z": b, "ghost": a}}))
+    (entry,) = discover(tmp_path)
+    with pytest.raises(CheckpointError, match=r"lists tensors that no shard holds: 'ghost'"):
+        open_checkpoint(entry)
+
+
+def test_hf_index_shard_name_too_long(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    save_file({"w": torch.ones(2)}, str(folder / "model-00001-of-00001.safetensors"))
+    index = {"weight_map": {"w": "x" * 300 + ".safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="shard index"):
+        discover(tmp_path)
