@@ -9,6 +9,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
 from cmdtool.errors import UsageError
+from cmdtool.kernels import FLAT_RTOL
 
 
 def centred_unit_rows(x: np.ndarray) -> np.ndarray:
@@ -23,11 +24,12 @@ def centred_unit_rows(x: np.ndarray) -> np.ndarray:
     ndarray, float64, shape (K, T)
     """
     xc = np.asarray(x, dtype=np.float64)
-    xc = xc - xc.mean(axis=1, keepdims=True)
+    mean = xc.mean(axis=1, keepdims=True)
+    xc = xc - mean
     norm = np.sqrt(np.einsum("ij,ij->i", xc, xc))
-    # A row whose spread is at rounding level of its magnitude is constant in float32.
-    scale = np.abs(np.asarray(x, dtype=np.float64)).max(axis=1)
-    flat = ~np.isfinite(norm) | (norm <= 1e-12 * np.maximum(scale, 1e-30) * np.sqrt(x.shape[1]))
+    # the rule of cmdtool.kernels.is_flat: spread at rounding level of the mean
+    limit = FLAT_RTOL * np.maximum(np.abs(mean[:, 0]), 1e-30) * np.sqrt(x.shape[1])
+    flat = ~np.isfinite(norm) | (norm <= limit)
     norm[flat] = 1.0
     out = xc / norm[:, None]
     out[flat] = 0.0

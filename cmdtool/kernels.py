@@ -17,9 +17,10 @@ import torch
 FLAT_RTOL = 1e-12
 
 
-def _flat(norm2: torch.Tensor, absmax: torch.Tensor, t: int) -> torch.Tensor:
-    limit = FLAT_RTOL * torch.clamp(absmax, min=1e-30) * (t**0.5)
-    return ~torch.isfinite(norm2) | (torch.sqrt(norm2) <= limit)
+def is_flat(norm2: torch.Tensor, mean: torch.Tensor, t: int) -> torch.Tensor:
+    """Constant trajectories: centred norm at rounding level of the mean, or non-finite."""
+    limit = FLAT_RTOL * torch.clamp(mean.abs(), min=1e-30) * (t**0.5)
+    return ~torch.isfinite(norm2) | (torch.sqrt(torch.clamp(norm2, min=0.0)) <= limit)
 
 
 @dataclass(frozen=True)
@@ -28,26 +29,41 @@ class References:
 
     Attributes
     ----------
-    centred : Tensor, float64, shape (T', M)
-    norm2 : Tensor, float64, shape (M,)   squared norms after centring
+    lhs : Tensor, float32, shape (M + 1, T')
+        The centred references, and a row of ones (which gives column sums).
+    norm2 : Tensor, float64, shape (M,)   squared norms of the float32 centred rows
     mean : Tensor, float64, shape (M,)
+    drift : Tensor, float64, shape (M,)   sums of the float32 centred rows (~0)
     flat : Tensor, bool, shape (M,)       constant references
+    inv_norm : Tensor, float32, shape (M,)  1 / norm, 0 for constant references
     """
 
-    centred: torch.Tensor
+    lhs: torch.Tensor
     norm2: torch.Tensor
     mean: torch.Tensor
+    drift: torch.Tensor
     flat: torch.Tensor
+    inv_norm: torch.Tensor
 
     @classmethod
     def from_trajectories(cls, ref_traj: np.ndarray, device: torch.device) -> References:
         """``ref_traj``: (M, T') reference trajectories."""
-        r = torch.as_tensor(np.asarray(ref_traj, dtype=np.float64), device=device).T
-        mean = r.mean(dim=0)
-        centred = r - mean
-        norm2 = (centred * centred).sum(dim=0)
-        flat = _flat(norm2, r.abs().amax(dim=0), r.shape[0])
-        return cls(centred=centred, norm2=norm2, mean=mean, flat=flat)
+        r = torch.as_tensor(np.asarray(ref_traj, dtype=np.float64), device=device)
+        mean = r.mean(dim=1)
+        centred = (r - mean[:, None]).to(torch.float32)
+        c64 = centred.to(torch.float64)
+        norm2 = (c64 * c64).sum(dim=1)
+        ones = torch.ones(1, r.shape[1], dtype=torch.float32, device=device)
+        flat = is_flat(((r - mean[:, None]) ** 2).sum(dim=1), mean, r.shape[1])
+        inv = torch.where(flat | (norm2 <= 0), 0.0, 1.0 / torch.sqrt(norm2))
+        return cls(
+            lhs=torch.cat([centred, ones]),
+            norm2=norm2,
+            mean=mean,
+            drift=c64.sum(dim=1),
+            flat=flat,
+            inv_norm=inv.to(torch.float32),
+        )
 
     @property
     def n_modes(self) -> int:
@@ -78,10 +94,16 @@ class BlockFit:
 def fit_block(x: torch.Tensor, refs: References) -> BlockFit:
     """Assign each column of ``x`` to its most correlated reference and fit a, b.
 
+    The block is shifted by its float32 column means, so the float32 passes see only
+    deviations (exact for near-constant trajectories, by Sterbenz' lemma); the per-column
+    statistics are then combined in float64, with ``y = x - m``:
+    ``mean = m + S1/T``, ``||x - mean||^2 = S2 - S1^2/T``,
+    ``<x - mean, r_c> = <y, r_c> - (S1/T) sum(r_c)``.
+
     Parameters
     ----------
-    x : Tensor, shape (T', n), any float dtype, on the references' device
-        Trajectories of n parameters over the window.
+    x : Tensor, float32, shape (T', n), on the references' device
+        Trajectories of n parameters over the window. Overwritten (used as scratch).
     refs : References
 
     Returns
@@ -93,38 +115,34 @@ def fit_block(x: torch.Tensor, refs: References) -> BlockFit:
         label 0, ``a = 0``, ``b = mean`` (non-finite) and are left out of the sums.
     """
     m = refs.n_modes
-    x64 = x.to(torch.float64)
-    t = x64.shape[0]
-    mean = x64.mean(dim=0)
-    xc = x64 - mean
-    norm2 = (xc * xc).sum(dim=0)
-    finite = torch.isfinite(norm2)
-    flat_x = _flat(norm2, x64.abs().amax(dim=0), t)
-    dots = xc.T @ refs.centred  # (n, M)
-    denom = torch.sqrt(torch.clamp(norm2, min=0.0))[:, None] * torch.sqrt(refs.norm2)[None, :]
-    corr = dots.abs() / torch.where(denom > 0, denom, torch.ones_like(denom))
-    corr = torch.where(flat_x[:, None] | refs.flat[None, :], torch.zeros_like(corr), corr)
-    labels = torch.argmax(corr, dim=1)
-    d = dots.gather(1, labels[:, None])[:, 0]
+    t = x.shape[0]
+    shift = x.mean(dim=0)
+    y = x.sub_(shift)
+    prod = refs.lhs @ y  # (M + 1, n) float32: <y, r_c> per mode, and S1
+    s1 = prod[m].to(torch.float64)
+    s2 = y.mul_(y).sum(dim=0).to(torch.float64)
+    mean = shift.to(torch.float64) + s1 / t
+    norm2 = torch.clamp(s2 - s1 * s1 / t, min=0.0)
+    finite = torch.isfinite(norm2) & torch.isfinite(mean)
+    flat_x = is_flat(norm2, mean, t)
+    # |corr| times the column's own norm (which leaves the argmax alone); the drift term
+    # of the exact dot product is ~1e-7 of it and only matters for the chosen mode below
+    score = prod[:m].abs() * refs.inv_norm[:, None]
+    labels = torch.where(flat_x, 0, torch.argmax(score, dim=0))
+    d = prod.gather(0, labels[None, :])[0].to(torch.float64) - s1 / t * refs.drift[labels]
     rn2 = refs.norm2[labels]
-    ref_flat = refs.flat[labels]
-    a = torch.where(ref_flat, torch.zeros_like(d), d / torch.where(ref_flat, 1.0, rn2))
-    a = torch.where(finite, a, torch.zeros_like(a))
+    a = torch.where(refs.flat[labels] | ~finite, 0.0, d / torch.where(rn2 > 0, rn2, 1.0))
     b = mean - a * refs.mean[labels]
-    resid = torch.clamp(norm2 - a * d, min=0.0)
-    resid = torch.where(finite, resid, torch.zeros_like(resid))
-    sq = torch.where(finite, (x64 * x64).sum(dim=0), torch.zeros_like(norm2))
+    resid = torch.where(finite, torch.clamp(norm2 - a * d, min=0.0), 0.0)
+    sq = torch.where(finite, norm2 + t * mean * mean, 0.0)
     zeros = torch.zeros(m, dtype=torch.float64, device=x.device)
-    err2 = zeros.index_add(0, labels, resid)
-    sqm = zeros.index_add(0, labels, sq)
-    count = torch.bincount(labels[finite], minlength=m)
     return BlockFit(
         labels=labels.to(torch.int32).cpu().numpy(),
         a=a.to(torch.float32).cpu().numpy(),
         b=b.to(torch.float32).cpu().numpy(),
-        err2=err2.cpu().numpy(),
-        sq=sqm.cpu().numpy(),
-        count=count.cpu().numpy().astype(np.int64),
+        err2=zeros.index_add(0, labels, resid).cpu().numpy(),
+        sq=zeros.index_add(0, labels, sq).cpu().numpy(),
+        count=torch.bincount(labels[finite], minlength=m).cpu().numpy().astype(np.int64),
     )
 
 
