@@ -121,6 +121,12 @@ def _print_ingest(s: Any) -> None:
     )
     if s.skipped:
         out.print(f"already in the store: {len(s.skipped)} epoch(s)", highlight=False)
+    for c in s.changed:
+        err.print(
+            f"warning: {c['source']} (epoch {c['label']}) changed after it was ingested; "
+            "the store keeps the values it had then",
+            highlight=False,
+        )
     keys = {k: n for k, n in s.state_keys.items() if k != "(top level)"}
     if keys:
         used = ", ".join(f"'{k}' ({n} files)" for k, n in keys.items())
@@ -190,6 +196,15 @@ def ingest(
     allow_nonfinite: Annotated[
         bool, typer.Option("--allow-nonfinite", help="Store NaN/Inf instead of refusing.")
     ] = False,
+    allow_global: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-global",
+            metavar="QUALNAME",
+            help="A pickled class a torch/Lightning file may name (repeatable); it is "
+            "replaced by an inert placeholder and only tensors are used.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Append the checkpoints of SOURCE that are not yet in STORE."""
@@ -203,6 +218,7 @@ def ingest(
             include=include,
             exclude=exclude,
             allow_nonfinite=allow_nonfinite,
+            allow_globals=allow_global or (),
             progress=bar,
         )
     if as_json:
@@ -261,13 +277,18 @@ def reconstruct(
     ] = "last",
     name: NameOpt = "cmd",
     fmt: Annotated[str, typer.Option("--format", help="safetensors or pt.")] = "safetensors",
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Write the stored epochs themselves, not the model's.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write checkpoints rebuilt from the decomposition, in the source's names and dtypes."""
     from cmdtool.reconstruct import reconstruct as run_reconstruct
 
     with _errors(), _progress("reconstruct", not as_json) as bar:
-        summary = run_reconstruct(store, out_dir, epochs=epochs, name=name, fmt=fmt, progress=bar)
+        summary = run_reconstruct(
+            store, out_dir, epochs=epochs, name=name, fmt=fmt, raw=raw, progress=bar
+        )
     if as_json:
         _emit_json(vars(summary))
     else:

@@ -147,8 +147,16 @@ class CMD:
         -------
         self
         """
-        st = _as_store(store, "r+")
         check_result_name(name)
+        st = _as_store(store, "r+")
+        try:
+            self._fit(st, name, progress)
+        finally:
+            if st is not store:
+                st.close()  # release the write lock; the estimator keeps reading
+        return self
+
+    def _fit(self, st: TrajectoryStore, name: str, progress: Progress | None) -> None:
         rows, n_modes = self._check(st)
         device = resolve_device(self.device)
         t0 = time.perf_counter()
@@ -225,7 +233,6 @@ class CMD:
             st.discard_result(name)
             raise
         self._set_learned(st, name, attrs, ref_index, ref_traj, sample_index)
-        return self
 
     # ---------------------------------------------------------------- loading
     @classmethod

@@ -8,10 +8,12 @@ committed. A failure mid-epoch drops the uncommitted row, so the store is left a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +59,7 @@ class IngestSummary:
     bytes_written: int = 0
     seconds: float = 0.0
     state_keys: dict[str, int] = field(default_factory=dict)
+    changed: list[dict[str, object]] = field(default_factory=list)
 
 
 class _NameFilter:
@@ -209,6 +212,82 @@ def _extras_row(
     return out
 
 
+def fingerprint(entry: CheckpointEntry) -> tuple[int, int, str]:
+    """Total size, latest mtime (ns) and sha256 of an entry's weight files, in order."""
+    digest = hashlib.sha256()
+    size = 0
+    mtime = 0
+    for f in entry.files:
+        st = f.stat()
+        size += st.st_size
+        mtime = max(mtime, st.st_mtime_ns)
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 23):
+                digest.update(block)
+    return size, mtime, digest.hexdigest()
+
+
+def _changed_since_commit(
+    store: TrajectoryStore, entries: list[CheckpointEntry], root: Path
+) -> list[dict[str, object]]:
+    """Committed epochs whose source file now has other contents (sha256 checked only
+    where size or mtime moved)."""
+    recorded = {e.label: e for e in store.epochs}
+    changed: list[dict[str, object]] = []
+    for entry in entries:
+        old = recorded.get(entry.label)
+        if old is None or old.sha256 is None or old.source != entry.relpath(root):
+            continue
+        size = sum(f.stat().st_size for f in entry.files)
+        mtime = max(f.stat().st_mtime_ns for f in entry.files)
+        if size == old.size and mtime == old.mtime_ns:
+            continue
+        if fingerprint(entry)[2] != old.sha256:
+            changed.append({"label": entry.label, "source": old.source})
+    return changed
+
+
+def _append(
+    store: TrajectoryStore,
+    entry: CheckpointEntry,
+    ckpt: Checkpoint,
+    keep: _NameFilter,
+    root: Path,
+    allow_nonfinite: bool,
+) -> None:
+    """Write one epoch's rows, then commit it; on any failure drop the partial row."""
+    where = entry.relpath(root)
+    mapping = _match_names(store, ckpt, keep, entry, root)
+    try:
+        row = store.begin_epoch()
+        for start, values in _row_blocks(store, ckpt, mapping, entry.label, where, allow_nonfinite):
+            store.write_row_block(row, start, values)
+        store.write_extras_row(row, _extras_row(store, ckpt, mapping, where))
+        dtypes = {}
+        for p in store.params:
+            dt = dtype_name(ckpt.spec(mapping[p.name])[1])
+            if dt != p.dtype:
+                dtypes[p.name] = dt
+        size, mtime, sha = fingerprint(entry)
+        store.commit_epoch(
+            EpochInfo(
+                label=entry.label,
+                source=where,
+                kind=entry.kind,
+                state_key=ckpt.state_key,
+                renamed={k: v for k, v in mapping.items() if k != v},
+                dtypes=dtypes,
+                size=size,
+                mtime_ns=mtime,
+                sha256=sha,
+            ),
+            source_root=str(root.resolve()),
+        )
+    except BaseException:
+        store.abort_epoch()
+        raise
+
+
 def _remove_new_store(path: Path, keep_folder: bool) -> None:
     """Undo a store created by a failed first ingest (an empty folder stays a folder)."""
     if not keep_folder:
@@ -229,6 +308,7 @@ def ingest(
     include: str | None = None,
     exclude: str | None = None,
     allow_nonfinite: bool = False,
+    allow_globals: Sequence[str] = (),
     progress: Progress | None = None,
 ) -> IngestSummary:
     """Append the checkpoints of ``source`` that are not yet in the store.
@@ -246,97 +326,81 @@ def ingest(
         are stored. Fixed when the store is created.
     allow_nonfinite : bool
         Store NaN / Inf values instead of refusing the checkpoint.
+    allow_globals : sequence of str
+        Qualified names of pickled classes a torch/Lightning file may mention; they are
+        replaced by inert placeholders (no code of theirs runs) and only tensors are used.
     progress : callable(done, total, label), optional
 
     Returns
     -------
     IngestSummary
     """
-    import time
-
     t0 = time.perf_counter()
     root = Path(source)
     entries = discover(root, pattern=pattern)
     path = Path(store_path)
     exists = (path / "zarr.json").exists()
     keep = _NameFilter(include, exclude)
-    store: TrajectoryStore | None = None
-    if exists:
-        store = TrajectoryStore.open(path, mode="r+")
-        stored = store.filters
-        asked = {"include": include, "exclude": exclude}
-        if (include or exclude) and asked != {k: stored.get(k) for k in asked}:
-            raise UsageError(
-                f"store {path} was created with include={stored.get('include')!r} "
-                f"exclude={stored.get('exclude')!r}; re-ingest with the same filters or none"
-            )
-        keep = _NameFilter(stored.get("include"), stored.get("exclude"))
-    have = set(store.labels) if store else set()
-    todo = [e for e in entries if e.label not in have]
     summary = IngestSummary(store=str(path), created=not exists)
-    summary.skipped = [e.label for e in entries if e.label in have]
-    if store is not None and todo and store.labels and todo[0].label < store.labels[-1]:
-        e = todo[0]
-        raise UsageError(
-            f"{e.relpath(root)}: epoch {e.label} is older than the store's last epoch "
-            f"{store.labels[-1]}; cmdtool only appends, ingest into a new store"
-        )
+    store: TrajectoryStore | None = None
     created_here = False
     existed_before = path.exists()
     try:
+        if exists:
+            store = TrajectoryStore.open(path, mode="r+")
+            keep = _stored_filter(store, include, exclude)
+            summary.changed = _changed_since_commit(store, entries, root)
+        have = set(store.labels) if store else set()
+        todo = [e for e in entries if e.label not in have]
+        summary.skipped = [e.label for e in entries if e.label in have]
+        if store is not None and todo and store.labels and todo[0].label < store.labels[-1]:
+            e = todo[0]
+            raise UsageError(
+                f"{e.relpath(root)}: epoch {e.label} is older than the store's last epoch "
+                f"{store.labels[-1]}; cmdtool only appends, ingest into a new store"
+            )
         for done, entry in enumerate(todo):
-            where = entry.relpath(root)
-            with open_checkpoint(entry) as ckpt:
+            with open_checkpoint(entry, allow_globals=allow_globals) as ckpt:
                 if store is None:
                     params, extras = _layout_from(ckpt, keep)
                     if not params:
                         raise UsageError(
-                            f"{where}: no floating-point tensor to model"
+                            f"{entry.relpath(root)}: no floating-point tensor to model"
                             + (" after --include/--exclude" if include or exclude else "")
                         )
                     store = TrajectoryStore.create(
                         path, params, extras, filters={"include": include, "exclude": exclude}
                     )
                     created_here = True
-                mapping = _match_names(store, ckpt, keep, entry, root)
-                row = store.begin_epoch()
-                try:
-                    for start, values in _row_blocks(
-                        store, ckpt, mapping, entry.label, where, allow_nonfinite
-                    ):
-                        store.write_row_block(row, start, values)
-                    store.write_extras_row(row, _extras_row(store, ckpt, mapping, where))
-                    dtypes = {}
-                    for p in store.params:
-                        dt = dtype_name(ckpt.spec(mapping[p.name])[1])
-                        if dt != p.dtype:
-                            dtypes[p.name] = dt
-                    store.commit_epoch(
-                        EpochInfo(
-                            label=entry.label,
-                            source=where,
-                            kind=entry.kind,
-                            state_key=ckpt.state_key,
-                            renamed={k: v for k, v in mapping.items() if k != v},
-                            dtypes=dtypes,
-                        )
-                    )
-                except BaseException:
-                    store.abort_epoch()
-                    raise
+                _append(store, entry, ckpt, keep, root, allow_nonfinite)
                 key = ckpt.state_key or "(top level)"
                 summary.state_keys[key] = summary.state_keys.get(key, 0) + 1
             summary.added.append(entry.label)
             summary.bytes_written += store.n_params * 4 + store.extras_nbytes
             if progress is not None:
-                progress(done + 1, len(todo), where)
+                progress(done + 1, len(todo), entry.relpath(root))
+        assert store is not None  # discover() found at least one entry
+        summary.n_params = store.n_params
+        summary.n_epochs = store.n_epochs
     except BaseException:
         if created_here and store is not None and store.n_epochs == 0:
+            store.close()
             _remove_new_store(path, existed_before)
         raise
-    if store is None:
-        store = TrajectoryStore.open(path)
-    summary.n_params = store.n_params
-    summary.n_epochs = store.n_epochs
+    finally:
+        if store is not None:
+            store.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _stored_filter(store: TrajectoryStore, include: str | None, exclude: str | None) -> _NameFilter:
+    """The store's own --include/--exclude; other filters on re-ingest are an error."""
+    stored = store.filters
+    asked = {"include": include, "exclude": exclude}
+    if (include or exclude) and asked != {k: stored.get(k) for k in asked}:
+        raise UsageError(
+            f"store {store.path} was created with include={stored.get('include')!r} "
+            f"exclude={stored.get('exclude')!r}; re-ingest with the same filters or none"
+        )
+    return _NameFilter(stored.get("include"), stored.get("exclude"))

@@ -42,12 +42,10 @@ def rebuild_state(model: CMD, label: int) -> dict[str, torch.Tensor]:
     """
     st = model.store_
     row = st.row_of(label)
-    epoch = st.epochs[row]
-    r_t = st.read_columns(np.array([row]), np.sort(model.ref_index_))[0]
-    # read_columns wants sorted columns; put the values back in mode order
     order = np.argsort(model.ref_index_, kind="stable")
+    r_sorted = st.read_columns(np.array([row]), model.ref_index_[order])[0]
     ref_now = np.empty(model.n_modes_, dtype=np.float64)
-    ref_now[order] = r_t
+    ref_now[order] = r_sorted  # back in mode order
     group = st.open_result(model.name_)
     labels_arr, a_arr, b_arr = group["labels"], group["a"], group["b"]
     flat = np.empty(st.n_params, dtype=np.float32)
@@ -56,6 +54,25 @@ def rebuild_state(model: CMD, label: int) -> dict[str, torch.Tensor]:
         a = np.asarray(a_arr[start:stop], dtype=np.float64)  # type: ignore[index]
         b = np.asarray(b_arr[start:stop], dtype=np.float64)  # type: ignore[index]
         flat[start:stop] = a * ref_now[lab] + b
+    return _assemble(st, row, flat)
+
+
+def raw_state(store: TrajectoryStore, label: int) -> dict[str, torch.Tensor]:
+    """Epoch ``label`` exactly as stored (no model): the identity reconstruction.
+
+    Floating tensors come back in their source dtype from the stored float32 values, so
+    fp16, bf16 and fp32 sources are reproduced bit for bit; fp64 to float32 precision.
+    """
+    row = store.row_of(label)
+    flat = np.empty(store.n_params, dtype=np.float32)
+    for start, stop in store.column_blocks():
+        flat[start:stop] = store.read_block(np.array([row]), start, stop)[0]
+    return _assemble(store, row, flat)
+
+
+def _assemble(st: TrajectoryStore, row: int, flat: np.ndarray) -> dict[str, torch.Tensor]:
+    """A checkpoint from one row of modeled values (float32, (N,)) and the row's extras."""
+    epoch = st.epochs[row]
     out: dict[str, torch.Tensor] = {}
     values = torch.from_numpy(flat)
     for p in st.params:
@@ -111,6 +128,7 @@ def reconstruct(
     epochs: str = "last",
     name: str = "cmd",
     fmt: str = "safetensors",
+    raw: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> ReconstructSummary:
     """Write ``OUT/epoch_<label>.safetensors`` (or ``.pt``) for the chosen epochs.
@@ -125,23 +143,34 @@ def reconstruct(
     name : str
         The decomposition to use.
     fmt : {"safetensors", "pt"}
+    raw : bool
+        Write the stored epochs themselves instead of the model's (no decomposition
+        needed): an export of the store.
     """
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     st = store if isinstance(store, TrajectoryStore) else TrajectoryStore.open(store)
-    model = CMD.load(st, name)
+    model = None if raw else CMD.load(st, name)
     rows = select_epochs(st.labels, epochs)
     out_dir = Path(out)
-    if out_dir.resolve() == st.path.resolve() or st.path.resolve() in out_dir.resolve().parents:
+    where = out_dir.resolve()
+    if where == st.path.resolve() or st.path.resolve() in where.parents:
         raise UsageError(f"output folder {out_dir} is inside the store {st.path}; pick another")
+    if str(where) in st.source_roots:
+        raise UsageError(
+            f"output folder {out_dir} holds the source checkpoints of this store; "
+            "writing there could overwrite them, pick another"
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
+    for leftover in out_dir.glob(".epoch_*.tmp"):  # from a reconstruct that was killed
+        leftover.unlink(missing_ok=True)
     files = []
     labels = [st.labels[int(r)] for r in rows]
     for i, label in enumerate(labels):
-        state = rebuild_state(model, label)
+        state = raw_state(st, label) if model is None else rebuild_state(model, label)
         target = out_dir / f"epoch_{label}.{'safetensors' if fmt == 'safetensors' else 'pt'}"
         if fmt == "safetensors":
             _atomic_write(target, lambda p, s=state: save_file(s, p))  # type: ignore[misc]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ import numpy as np
 import zarr
 import zarr.storage
 
-from cmdtool.errors import StoreError, StoreNotFoundError, UsageError
+from cmdtool.errors import CmdtoolError, StoreError, StoreNotFoundError, UsageError
+from cmdtool.lock import StoreLock
 
 FORMAT_VERSION = 1
 #: Values per chunk along N: 1 MiB of float32. Measured with scripts/measure_chunks.py
@@ -36,6 +38,7 @@ EXTRAS = "extras"
 ATTR = "cmdtool"
 RESULT_ATTR = "cmdtool_result"
 _PARTIAL_PREFIX = ".partial-"
+_ZARR_TMP_RE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -79,10 +82,13 @@ class EpochInfo:
     state_key: str | None = None
     renamed: dict[str, str] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)
+    size: int | None = None
+    mtime_ns: int | None = None
+    sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("renamed", "dtypes", "state_key"):
+        for key in ("renamed", "dtypes", "state_key", "size", "mtime_ns", "sha256"):
             if not d[key]:
                 del d[key]
         return d
@@ -96,6 +102,9 @@ class EpochInfo:
             state_key=d.get("state_key"),
             renamed=dict(d.get("renamed", {})),
             dtypes=dict(d.get("dtypes", {})),
+            size=d.get("size"),
+            mtime_ns=d.get("mtime_ns"),
+            sha256=d.get("sha256"),
         )
 
 
@@ -134,11 +143,27 @@ class TrajectoryStore:
     Use :meth:`create` or :meth:`open`; the constructor is internal.
     """
 
-    def __init__(self, path: Path, group: zarr.Group, writable: bool) -> None:
+    def __init__(
+        self, path: Path, group: zarr.Group, writable: bool, lock: StoreLock | None = None
+    ) -> None:
         self.path = path
         self._group = group
         self._writable = writable
+        self._lock = lock
         self._load_meta()
+
+    def close(self) -> None:
+        """Release the write lock (a read-only store holds none)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self._writable = False
+
+    def __enter__(self) -> TrajectoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -149,9 +174,11 @@ class TrajectoryStore:
         extras: Sequence[ExtraInfo] = (),
         *,
         filters: dict[str, str | None] | None = None,
-        chunk: int = CHUNK,
+        chunk: int | None = None,
     ) -> TrajectoryStore:
-        """Create an empty store (zero epochs) at ``path``."""
+        """Create an empty store (zero epochs) at ``path``, ``chunk`` values per chunk of N
+        (default :data:`CHUNK`)."""
+        chunk = chunk or CHUNK
         p = Path(path)
         if p.exists() and (not p.is_dir() or any(p.iterdir())):
             raise StoreError(
@@ -162,8 +189,11 @@ class TrajectoryStore:
         nbytes = sum(e.nbytes for e in extras)
         if n == 0:
             raise UsageError("no floating-point tensor to model: the store would be empty")
+        lock = StoreLock(p)
         try:
-            group = zarr.open_group(zarr.storage.LocalStore(p), mode="w")
+            p.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            group = zarr.open_group(zarr.storage.LocalStore(p), mode="a")
             group.create_array(
                 WEIGHTS,
                 shape=(0, n),
@@ -185,12 +215,17 @@ class TrajectoryStore:
                 "format_version": FORMAT_VERSION,
                 **_layout(params, extras),
                 "filters": filters or {},
+                "source_roots": [],
                 "epochs": [],
             }
             group.attrs.put({ATTR: meta})
         except OSError as exc:
+            lock.release()
             raise StoreError(f"cannot write store {p}: {exc.strerror or exc}") from exc
-        return cls(p, group, writable=True)
+        except BaseException:
+            lock.release()
+            raise
+        return cls(p, group, writable=True, lock=lock)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, mode: str = "r") -> TrajectoryStore:
@@ -200,16 +235,26 @@ class TrajectoryStore:
             if p.exists():
                 raise StoreError(f"{p} is not a cmdtool store (no zarr.json)")
             raise StoreNotFoundError(f"store not found: {p}")
+        writable = mode != "r"
+        lock = StoreLock(p) if writable else None
+        if lock is not None:
+            lock.acquire()
         try:
             group = zarr.open_group(
-                zarr.storage.LocalStore(p, read_only=(mode == "r")),
+                zarr.storage.LocalStore(p, read_only=not writable),
                 mode=mode,  # type: ignore[arg-type]
             )
-        except Exception as exc:
-            raise StoreError(f"cannot open store {p}: {exc}") from exc
-        store = cls(p, group, writable=(mode != "r"))
-        if store._writable:
-            store._drop_uncommitted()
+            store = cls(p, group, writable=writable, lock=lock)
+            if writable:
+                store._recover()
+        except BaseException as exc:
+            if lock is not None:
+                lock.release()
+            if isinstance(exc, CmdtoolError):
+                raise
+            if isinstance(exc, Exception):
+                raise StoreError(f"cannot open store {p}: {exc}") from exc
+            raise
         return store
 
     def _load_meta(self) -> None:
@@ -264,6 +309,11 @@ class TrajectoryStore:
         return [e.label for e in self.epochs]
 
     @property
+    def source_roots(self) -> list[str]:
+        """Absolute checkpoint folders this store was ingested from."""
+        return list(self._meta.get("source_roots", []))
+
+    @property
     def extras_nbytes(self) -> int:
         return sum(e.nbytes for e in self.extras)
 
@@ -286,6 +336,20 @@ class TrajectoryStore:
     def _require_writable(self) -> None:
         if not self._writable:
             raise StoreError(f"store {self.path} is open read-only")
+
+    def _recover(self) -> None:
+        """Undo what an interrupted writer left: uncommitted rows, temp files, results."""
+        self._drop_uncommitted()
+        for tmp in self.path.rglob("*.partial"):
+            if _ZARR_TMP_RE.search(tmp.name) and tmp.is_file():
+                tmp.unlink(missing_ok=True)
+        for node in self.path.glob(_PARTIAL_PREFIX + "*"):
+            if node.name.endswith(".old"):
+                final = self.path / node.name[len(_PARTIAL_PREFIX) : -len(".old")]
+                if not final.exists():
+                    os.replace(node, final)  # killed between the two renames of publish
+                    continue
+            shutil.rmtree(node, ignore_errors=True)
 
     def _drop_uncommitted(self) -> None:
         t = self.n_epochs
@@ -327,11 +391,17 @@ class TrajectoryStore:
         except OSError as exc:
             raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
 
-    def commit_epoch(self, epoch: EpochInfo) -> None:
-        """Make the row written since :meth:`begin_epoch` visible, atomically."""
+    def commit_epoch(self, epoch: EpochInfo, source_root: str | None = None) -> None:
+        """Make the row written since :meth:`begin_epoch` visible, atomically.
+
+        ``source_root`` (the absolute checkpoint folder) is recorded in ``source_roots``.
+        """
         self._require_writable()
         meta = dict(self._meta)
         meta["epochs"] = [e.to_json() for e in self.epochs] + [epoch.to_json()]
+        roots = list(meta.get("source_roots", []))
+        if source_root is not None and source_root not in roots:
+            meta["source_roots"] = [*roots, source_root]
         try:
             self._group.attrs.put({**self._group.attrs.asdict(), ATTR: meta})
         except OSError as exc:
@@ -395,7 +465,11 @@ class TrajectoryStore:
     def result_names(self) -> list[str]:
         """Names of the complete decompositions in this store."""
         names = []
-        for name, node in self._group.groups():
+        with warnings.catch_warnings():
+            # the lock file is not a zarr node; zarr warns when it lists the group
+            warnings.filterwarnings("ignore", message=".*not recognized as a component")
+            groups = list(self._group.groups())
+        for name, node in groups:
             if name.startswith(_PARTIAL_PREFIX):
                 continue
             if RESULT_ATTR in node.attrs:
@@ -406,6 +480,10 @@ class TrajectoryStore:
         from cmdtool.errors import DecompositionNotFoundError
 
         if name not in self.result_names():
+            old = _PARTIAL_PREFIX + name + ".old"
+            if (self.path / old / "zarr.json").is_file():
+                # a writer was killed between the two renames of publish_result
+                return self._group[old]  # type: ignore[return-value]
             have = ", ".join(self.result_names()) or "none"
             raise DecompositionNotFoundError(
                 f"store {self.path} has no decomposition named {name!r} (it has: {have}); "

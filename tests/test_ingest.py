@@ -1,6 +1,7 @@
 """Ingest of every checkpoint layout into a store, appending, and refusals."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -201,3 +202,21 @@ def test_older_epoch_after_newer_is_refused(tmp_path, traj):
     write_run(run, sds[:1], labels=[1])
     with pytest.raises(Exception, match=r"epoch 1 is older than the store's last epoch 5"):
         ingest(run, tmp_path / "s.zarr")
+
+
+def test_checkpoint_changed_after_commit_is_reported_not_reread(tmp_path, traj):
+    # guards: ingest._changed_since_commit (size/mtime first, then sha256)
+    run = tmp_path / "run"
+    paths = write_run(run, state_dicts(traj))
+    store = tmp_path / "s.zarr"
+    ingest(run, store)
+    before = zarr.open_group(store, mode="r")["weights"][1].copy()
+    os.utime(paths[0], ns=(1, 1))  # touched only: same bytes, not reported
+    altered = state_dicts(traj + 1.0)[1]
+    save_file({k: v.contiguous() for k, v in altered.items()}, paths[1])
+    summary = ingest(run, store)
+    assert summary.changed == [{"label": 2, "source": "epoch_2.safetensors"}]
+    assert summary.added == []
+    assert np.array_equal(zarr.open_group(store, mode="r")["weights"][1], before)
+    recorded = TrajectoryStore.open(store).epochs[0]
+    assert recorded.sha256 is not None and recorded.size == paths[0].stat().st_size

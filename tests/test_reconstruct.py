@@ -118,3 +118,15 @@ def test_bad_requests(mixed_store, tmp_path):
         reconstruct(store, tmp_path / "o", fmt="npz")
     with pytest.raises(UsageError, match="inside the store"):
         reconstruct(store, store / "x")
+
+
+def test_output_into_the_source_folder_is_refused(tmp_path):
+    # guards: the source_roots check in reconstruct()
+    w, _, _ = planted(n_modeled(), 4, 2, seed=0)
+    write_run(tmp_path / "run", state_dicts(w))
+    ingest(tmp_path / "run", tmp_path / "s.zarr")
+    CMD(2, n_samples=100).fit(tmp_path / "s.zarr")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(UsageError, match="holds the source checkpoints"):
+        reconstruct(tmp_path / "s.zarr", tmp_path / "run", epochs="all")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
