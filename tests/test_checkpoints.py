@@ -231,6 +231,7 @@ def test_hf_sharded_index(tmp_path: Path) -> None:
     "bad", ["../evil.safetensors", "/tmp/evil.safetensors", "sub/x.safetensors"]
 )  # an absolute path, a ../ path, a sub-folder
 def test_hf_shard_outside_folder_rejected(tmp_path: Path, bad: str) -> None:
+    # guards: checkpoints._index_shards (_is_plain_name on every weight_map shard)
     source = tmp_path / "run"
     folder = source / "checkpoint-1"
     folder.mkdir(parents=True)
@@ -242,6 +243,7 @@ def test_hf_shard_outside_folder_rejected(tmp_path: Path, bad: str) -> None:
 
 
 def test_hf_tensor_in_wrong_or_two_shards(tmp_path: Path) -> None:
+    # guards: checkpoints._check_shards (each tensor in exactly its indexed shard)
     a, b = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
     folder = tmp_path / "checkpoint-1"
     folder.mkdir()
@@ -315,6 +317,7 @@ def test_pattern_picks_other_hf_folder_names(tmp_path: Path) -> None:
 
 
 def test_non_weight_files_never_opened(tmp_path: Path) -> None:
+    # guards: checkpoints._is_non_weight in discover()
     write_trainer_junk(tmp_path)
     torch.save(sd(1), tmp_path / "epoch_1.pt")
     torch.save(sd(2), tmp_path / "epoch_2.pt")
@@ -436,6 +439,7 @@ def test_torch_without_tensors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("suffix", [".pt", ".ckpt"])
 def test_unsafe_torch_checkpoint(tmp_path: Path, suffix: str) -> None:
+    # guards: weights_only=True in checkpoints._weights_only_load
     path = tmp_path / f"epoch_1{suffix}"
     torch.save({"state_dict": sd(), "extra": EvilPayload()}, path)
     (entry,) = discover(tmp_path)
@@ -631,6 +635,7 @@ BAD_SAFETENSORS: list[tuple[str, dict[str, object], str]] = [
 def test_invalid_safetensors_refused_before_safe_open(
     tmp_path: Path, no_safe_open: None, spec: dict[str, object], match: str
 ) -> None:
+    # guards: checkpoints._read_safetensors_header before safe_open
     path = tmp_path / "epoch_1.safetensors"
     if spec.get("raw") is not None and spec["raw"] == b"\x01\x02\x03":
         path.write_bytes(b"\x01\x02\x03")
@@ -648,6 +653,7 @@ def test_invalid_safetensors_refused_before_safe_open(
 
 
 def test_safetensors_huge_claims_allocate_nothing(tmp_path: Path, no_safe_open: None) -> None:
+    # guards: checkpoints._element_count (Python ints, limit before allocating)
     """Claims of huge headers or tensors are refused without allocating for them."""
     import tracemalloc
 
@@ -722,6 +728,7 @@ def _record_data_offset(path: Path, suffix: str) -> int:
 
 @pytest.mark.parametrize("where", ["data/0", "data.pkl"])
 def test_torch_zip_flipped_bit_detected(tmp_path: Path, where: str) -> None:
+    # guards: checkpoints._verify_zip (record CRC-32 check)
     """torch.load checks no checksum: cmdtool verifies each record's CRC-32 first."""
     path = tmp_path / "epoch_1.pt"
     torch.save(sd(), path)
@@ -796,6 +803,7 @@ def write_lightning_with_hparams(path: Path, hparams: dict[str, object]) -> dict
 
 
 def test_allow_globals_loads_with_inert_placeholders(tmp_path: Path) -> None:
+    # guards: checkpoints._inert_class / _weights_only_load (placeholders, never the real class)
     import argparse
 
     path = tmp_path / "epoch=5-step=50.ckpt"
@@ -897,6 +905,7 @@ def test_allow_globals_must_be_qualnames(tmp_path: Path, bad: str) -> None:
 def test_force_no_weights_only_env_is_ignored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # guards: weights_only=True passed explicitly in checkpoints._weights_only_load
     """weights_only=True is passed explicitly, so torch's escape hatch cannot open it."""
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     path = tmp_path / "epoch_1.ckpt"
@@ -925,6 +934,7 @@ def test_hf_shard_path_forms_rejected(tmp_path: Path, bad: str) -> None:
 
 
 def test_hf_index_maps_tensor_to_shard_without_it(tmp_path: Path) -> None:
+    # guards: checkpoints._check_shards (index entries no shard holds)
     a, b = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
     folder = tmp_path / "checkpoint-1"
     folder.mkdir()

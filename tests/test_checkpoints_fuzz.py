@@ -153,6 +153,7 @@ def test_unmutated_fixture_loads(fmt: str, fixtures: dict[str, Fixture], workdir
 def test_mutated_checkpoint_reads_right_or_fails_cleanly(
     fmt: str, fixtures: dict[str, Fixture], workdir: Path, data: st.DataObject
 ) -> None:
+    # guards: every error wrapping into CheckpointError in checkpoints.py
     mutation = data.draw(mutations(fmt), label="mutation")
     outcome = check_case(fixtures[fmt], mutation, workdir)
     assert outcome.status in ("ok", "error"), f"{outcome.status}: {outcome.detail}"
@@ -162,6 +163,7 @@ def test_mutated_checkpoint_reads_right_or_fails_cleanly(
     not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status are Linux's"
 )
 def test_mutated_batch_in_memory_limited_child() -> None:
+    # guards: checkpoints._read_safetensors_header / _verify_zip (no allocation beyond the file)
     """200 mutations per format in one child process capped at baseline + 1.5 GiB."""
     count = 200
     env = {

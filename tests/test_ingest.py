@@ -161,6 +161,7 @@ def _append_bad(tmp_path, traj, mutate, name="epoch_6.safetensors"):
     ],
 )
 def test_bad_epoch_leaves_store_exactly_as_it_was(tmp_path, traj, mutate, error, message):
+    # guards: ingest._match_names / _row_blocks (isfinite check) and store.abort_epoch
     run, store, before = _append_bad(tmp_path, traj, mutate)
     with pytest.raises(error, match=message):
         ingest(run, store)

@@ -106,3 +106,21 @@ def test_samples_equal_to_n(tmp_path):
     ingest(tmp_path / "run", tmp_path / "s.zarr")
     model = CMD(3, n_samples=300).fit(tmp_path / "s.zarr")
     assert np.array_equal(model.sample_index_, np.arange(300))
+
+
+def test_constant_reference_leaves_an_empty_mode(tmp_path):
+    # guards: kernels.fit_block (flat columns to mode 0) and the per-mode divisions
+    n = 600
+    w, _, _ = planted(n, 8, 2, seed=5)
+    w[:200] = 3.0  # a third of the parameters never move: their mode's reference is flat
+    write_run(tmp_path / "run", state_dicts(w, [("p", (n,), torch.float32)]))
+    ingest(tmp_path / "run", tmp_path / "s.zarr")
+    model = CMD(3, n_samples=n).fit(tmp_path / "s.zarr")
+    assert 0 in model.mode_sizes_.tolist()  # the constant mode keeps no parameter
+    assert model.mode_sizes_.sum() == n
+    assert np.all(model.labels_[:200] == 0) and np.all(model.a_[:200] == 0)
+    assert np.isfinite(model.mode_errors_).all() and np.isfinite(model.relative_error_)
+    reconstruct(tmp_path / "s.zarr", tmp_path / "out")
+    assert torch.equal(
+        load_file(tmp_path / "out" / "epoch_8.safetensors")["p"][:200], torch.full((200,), 3.0)
+    )

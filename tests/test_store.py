@@ -53,6 +53,7 @@ def test_uncommitted_row_is_invisible_and_dropped(planted_run, tmp_path):
 
 
 def test_newer_format_and_foreign_folders_are_refused(planted_run, tmp_path):
+    # guards: the format_version check in store.TrajectoryStore._load_meta
     folder, _, _ = planted_run
     store = tmp_path / "s.zarr"
     ingest(folder, store)
