@@ -20,7 +20,7 @@ import torch
 
 from cmdtool.clustering import find_modes
 from cmdtool.epochs import select_window
-from cmdtool.errors import UsageError
+from cmdtool.errors import StoreError, UsageError
 from cmdtool.kernels import References, fit_block, resolve_device
 from cmdtool.sampling import sample_indices
 from cmdtool.store import RESULT_ATTR, TrajectoryStore, check_result_name
@@ -229,6 +229,9 @@ class CMD:
             }
             group.attrs.put({RESULT_ATTR: attrs})
             st.publish_result(name)
+        except OSError as exc:
+            st.discard_result(name)
+            raise StoreError(f"cannot write store {st.path}: {exc.strerror or exc}") from exc
         except BaseException:
             st.discard_result(name)
             raise

@@ -500,6 +500,7 @@ class TrajectoryStore:
         try:
             return self._group.create_group(partial)
         except OSError as exc:
+            shutil.rmtree(self.path / partial, ignore_errors=True)
             raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
 
     def publish_result(self, name: str) -> None:
