@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import torch
 
 from cmdtool.clustering import find_modes
 from cmdtool.epochs import select_window
 from cmdtool.errors import StoreError, UsageError
-from cmdtool.kernels import References, fit_block, resolve_device
-from cmdtool.sampling import sample_indices
+from cmdtool.kernels import resolve_device
+from cmdtool.sampling import sample_from_pool, sample_indices
 from cmdtool.store import RESULT_ATTR, TrajectoryStore, check_result_name
+from cmdtool.streaming import local_pass
 
 Progress = Callable[[int, int], None]
 MIN_EPOCHS = 3
@@ -161,13 +160,21 @@ class CMD:
         device = resolve_device(self.device)
         t0 = time.perf_counter()
 
-        sample_index = sample_indices([p.size for p in st.params], self.n_samples, self.seed)
-        samples = st.read_columns(rows, sample_index).T  # (K, T')
+        sizes = [p.size for p in st.params]
+        pool = st.pool_index if st.has_pool() else None
+        sample_index = (
+            None if pool is None else sample_from_pool(sizes, pool, self.n_samples, self.seed)
+        )
+        if sample_index is not None:
+            assert pool is not None
+            samples = st.read_pool(rows)[:, np.searchsorted(pool, sample_index)].T
+        else:  # no usable pool: gather the samples from weights (a second read)
+            sample_index = sample_indices(sizes, self.n_samples, self.seed)
+            samples = st.read_columns(rows, sample_index).T  # (K, T')
         modes = find_modes(samples, n_modes=n_modes, threshold=self.threshold)
         ref_index = sample_index[modes.ref_rows]
         ref_traj = np.ascontiguousarray(samples[modes.ref_rows])  # (M, T')
-        refs = References.from_trajectories(ref_traj, device)
-        m = refs.n_modes
+        m = modes.n_modes
 
         group = st.begin_result(name)
         try:
@@ -184,23 +191,8 @@ class CMD:
                 )
                 for key, dt in (("labels", "int32"), ("a", "float32"), ("b", "float32"))
             }
-            err2 = np.zeros(m)
-            sq = np.zeros(m)
-            count = np.zeros(m, dtype=np.int64)
-            step = max(1, _KERNEL_ELEMENTS // rows.size)
-            for start, stop, block in _prefetched(st, rows):
-                x = torch.from_numpy(block)
-                if device.type == "cuda":
-                    x = x.pin_memory().to(device, non_blocking=True)
-                parts = [fit_block(x[:, j : j + step], refs) for j in range(0, stop - start, step)]
-                for key in ("labels", "a", "b"):
-                    arrays[key][start:stop] = np.concatenate([getattr(p, key) for p in parts])
-                for p in parts:
-                    err2 += p.err2
-                    sq += p.sq
-                    count += p.count
-                if progress is not None:
-                    progress(stop, n)
+            totals = local_pass(st, rows, ref_traj, arrays, device, progress)
+            err2, sq, count = totals.err2, totals.sq, totals.count
             group.create_array("ref_index", data=ref_index.astype(np.int64))
             group.create_array("ref_traj", data=ref_traj.astype(np.float32))
             group.create_array("sample_index", data=sample_index.astype(np.int64))
@@ -301,17 +293,3 @@ class CMD:
     @property
     def b_(self) -> np.ndarray:
         return self._result_array("b")
-
-
-def _prefetched(st: TrajectoryStore, rows: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Column blocks of the window, the next one read while the caller works on this one."""
-    blocks = list(st.column_blocks())
-    if not blocks:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmdtool-read") as pool:
-        pending = pool.submit(st.read_block, rows, *blocks[0])
-        for i, (start, stop) in enumerate(blocks):
-            block = pending.result()
-            if i + 1 < len(blocks):
-                pending = pool.submit(st.read_block, rows, *blocks[i + 1])
-            yield start, stop, block

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,15 @@ from cmdtool.checkpoints import (
     open_checkpoint,
 )
 from cmdtool.errors import MismatchError, NonFiniteError, UsageError
-from cmdtool.store import EpochInfo, ExtraInfo, ParamInfo, TrajectoryStore
+from cmdtool.sampling import sample_indices
+from cmdtool.store import (
+    POOL_SIZE,
+    EpochInfo,
+    ExtraInfo,
+    ParamInfo,
+    TrajectoryStore,
+    remove_store,
+)
 
 Progress = Callable[[int, int, str], None]
 
@@ -258,10 +265,16 @@ def _append(
     """Write one epoch's rows, then commit it; on any failure drop the partial row."""
     where = entry.relpath(root)
     mapping = _match_names(store, ckpt, keep, entry, root)
+    pool_index = store.pool_index
+    pool = np.empty(0 if pool_index is None else len(pool_index), dtype=np.float32)
     try:
         row = store.begin_epoch()
         for start, values in _row_blocks(store, ckpt, mapping, entry.label, where, allow_nonfinite):
             store.write_row_block(row, start, values)
+            if pool_index is not None:
+                lo, hi = np.searchsorted(pool_index, [start, start + len(values)])
+                pool[lo:hi] = values[pool_index[lo:hi] - start]
+        store.write_pool_row(row, pool)
         store.write_extras_row(row, _extras_row(store, ckpt, mapping, where))
         dtypes = {}
         for p in store.params:
@@ -286,18 +299,6 @@ def _append(
     except BaseException:
         store.abort_epoch()
         raise
-
-
-def _remove_new_store(path: Path, keep_folder: bool) -> None:
-    """Undo a store created by a failed first ingest (an empty folder stays a folder)."""
-    if not keep_folder:
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    for child in path.iterdir():
-        if child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
 
 
 def ingest(
@@ -368,8 +369,13 @@ def ingest(
                             f"{entry.relpath(root)}: no floating-point tensor to model"
                             + (" after --include/--exclude" if include or exclude else "")
                         )
+                    sizes = [p.size for p in params]
                     store = TrajectoryStore.create(
-                        path, params, extras, filters={"include": include, "exclude": exclude}
+                        path,
+                        params,
+                        extras,
+                        filters={"include": include, "exclude": exclude},
+                        pool_index=sample_indices(sizes, min(POOL_SIZE, sum(sizes)), seed=0),
                     )
                     created_here = True
                 _append(store, entry, ckpt, keep, root, allow_nonfinite)
@@ -385,7 +391,7 @@ def ingest(
     except BaseException:
         if created_here and store is not None and store.n_epochs == 0:
             store.close()
-            _remove_new_store(path, existed_before)
+            remove_store(path, keep_folder=existed_before)
         raise
     finally:
         if store is not None:

@@ -48,7 +48,7 @@ def tensor_budgets(sizes: Sequence[int] | np.ndarray, k: int) -> np.ndarray:
     return budget
 
 
-def sample_indices(sizes: Sequence[int], k: int, seed: int = 0) -> np.ndarray:
+def sample_indices(sizes: Sequence[int] | np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """The K sampled columns of ``weights``, without replacement.
 
     Parameters
@@ -81,3 +81,45 @@ def sample_indices(sizes: Sequence[int], k: int, seed: int = 0) -> np.ndarray:
         if b > 0
     ]
     return np.sort(np.concatenate(picks))
+
+
+def sample_from_pool(
+    sizes: Sequence[int] | np.ndarray, pool_index: np.ndarray, k: int, seed: int = 0
+) -> np.ndarray | None:
+    """The K samples drawn from an ingest-time pool with the per-tensor budgets of
+    :func:`tensor_budgets`, or None when the pool cannot serve them.
+
+    The pool itself was drawn with the same rule, so each tensor's share of it is at
+    least its share of K whenever K <= pool size; the uniform case (``K / 2 <= L``) and a
+    pool too small for some tensor's budget return None (the caller then samples the
+    whole store).
+
+    Parameters
+    ----------
+    sizes : sequence of int, length L
+    pool_index : ndarray, int64, shape (P,), sorted
+    k : int
+    seed : int
+
+    Returns
+    -------
+    ndarray, int64, shape (k,), sorted global columns, or None
+    """
+    sz = np.asarray(sizes, dtype=np.int64)
+    n = int(sz.sum())
+    if k < 1 or k > n:
+        sample_indices(sizes, k, seed)  # raises the documented error
+    if k > len(pool_index) or k / 2 <= len(sz):
+        return None
+    bounds = np.concatenate([[0], np.cumsum(sz)])
+    cuts = np.searchsorted(pool_index, bounds)
+    budget = tensor_budgets(sz, k)
+    if np.any(np.diff(cuts) < budget):
+        return None
+    rng = np.random.default_rng(seed)
+    picks = [
+        pool_index[lo:hi][rng.choice(hi - lo, size=int(b), replace=False)]
+        for lo, hi, b in zip(cuts[:-1], cuts[1:], budget, strict=True)
+        if b > 0
+    ]
+    return np.sort(np.concatenate(picks).astype(np.int64))

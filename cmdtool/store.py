@@ -35,6 +35,11 @@ FORMAT_VERSION = 1
 CHUNK = 262_144
 WEIGHTS = "weights"
 EXTRAS = "extras"
+POOL = "pool"
+POOL_INDEX = "pool_index"
+#: Columns copied into the sample pool at ingest: decompose draws its K samples from it
+#: (K <= POOL_SIZE) instead of reading every chunk of ``weights`` a second time.
+POOL_SIZE = 16_384
 ATTR = "cmdtool"
 RESULT_ATTR = "cmdtool_result"
 _PARTIAL_PREFIX = ".partial-"
@@ -175,9 +180,10 @@ class TrajectoryStore:
         *,
         filters: dict[str, str | None] | None = None,
         chunk: int | None = None,
+        pool_index: np.ndarray | None = None,
     ) -> TrajectoryStore:
         """Create an empty store (zero epochs) at ``path``, ``chunk`` values per chunk of N
-        (default :data:`CHUNK`)."""
+        (default :data:`CHUNK`); ``pool_index`` (sorted int64 columns) makes a sample pool."""
         chunk = chunk or CHUNK
         p = Path(path)
         if p.exists() and (not p.is_dir() or any(p.iterdir())):
@@ -190,6 +196,7 @@ class TrajectoryStore:
         if n == 0:
             raise UsageError("no floating-point tensor to model: the store would be empty")
         lock = StoreLock(p)
+        existed = p.exists()
         try:
             p.mkdir(parents=True, exist_ok=True)
             lock.acquire()
@@ -202,6 +209,16 @@ class TrajectoryStore:
                 fill_value=0.0,
                 compressors=None,
             )
+            if pool_index is not None and len(pool_index):
+                group.create_array(POOL_INDEX, data=np.asarray(pool_index, dtype=np.int64))
+                group.create_array(
+                    POOL,
+                    shape=(0, len(pool_index)),
+                    chunks=(1, len(pool_index)),
+                    dtype="float32",
+                    fill_value=0.0,
+                    compressors=None,
+                )
             if nbytes:
                 group.create_array(
                     EXTRAS,
@@ -219,11 +236,12 @@ class TrajectoryStore:
                 "epochs": [],
             }
             group.attrs.put({ATTR: meta})
-        except OSError as exc:
+        except BaseException as exc:
             lock.release()
-            raise StoreError(f"cannot write store {p}: {exc.strerror or exc}") from exc
-        except BaseException:
-            lock.release()
+            if p.is_dir():
+                remove_store(p, keep_folder=existed)
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot write store {p}: {exc.strerror or exc}") from exc
             raise
         return cls(p, group, writable=True, lock=lock)
 
@@ -356,9 +374,10 @@ class TrajectoryStore:
         try:
             if self.weights.shape[0] > t:
                 self.weights.resize((t, self.n_params))
-            if EXTRAS in self._group and self._array(EXTRAS).shape[0] > t:
-                ex = self._array(EXTRAS)
-                ex.resize((t, ex.shape[1]))
+            for name in (EXTRAS, POOL):
+                if name in self._group and self._array(name).shape[0] > t:
+                    arr = self._array(name)
+                    arr.resize((t, arr.shape[1]))
         except OSError as exc:
             raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
 
@@ -368,9 +387,10 @@ class TrajectoryStore:
         t = self.n_epochs
         try:
             self.weights.resize((t + 1, self.n_params))
-            if self.extras:
-                ex = self._array(EXTRAS)
-                ex.resize((t + 1, ex.shape[1]))
+            for name in (EXTRAS, POOL):
+                if name in self._group:
+                    arr = self._array(name)
+                    arr.resize((t + 1, arr.shape[1]))
         except OSError as exc:
             raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
         return t
@@ -390,6 +410,31 @@ class TrajectoryStore:
             self._array(EXTRAS)[row, :] = data
         except OSError as exc:
             raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+
+    @property
+    def pool_index(self) -> np.ndarray | None:
+        """Columns of the sample pool, sorted int64; None for a store without one."""
+        if POOL_INDEX not in self._group:
+            return None
+        return np.asarray(self._array(POOL_INDEX)[:], dtype=np.int64)
+
+    def has_pool(self) -> bool:
+        """True when every committed epoch has its pool row (a store appended by an older
+        cmdtool may lack them)."""
+        return POOL in self._group and self._array(POOL).shape[0] >= self.n_epochs
+
+    def write_pool_row(self, row: int, values: np.ndarray) -> None:
+        """One epoch's values at the pool columns (float32, (P,))."""
+        if POOL not in self._group:
+            return
+        try:
+            self._array(POOL)[row, :] = values
+        except OSError as exc:
+            raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+
+    def read_pool(self, rows: np.ndarray) -> np.ndarray:
+        """Pool values of the given committed rows: float32, (len(rows), P)."""
+        return np.asarray(self._array(POOL).oindex[np.asarray(rows, dtype=np.int64), :])
 
     def commit_epoch(self, epoch: EpochInfo, source_root: str | None = None) -> None:
         """Make the row written since :meth:`begin_epoch` visible, atomically.
@@ -527,3 +572,15 @@ def _label_summary(labels: Sequence[int]) -> str:
     if len(labels) <= 6:
         return "epochs " + ", ".join(map(str, labels))
     return f"{len(labels)} epochs, {labels[0]}..{labels[-1]}"
+
+
+def remove_store(path: Path, *, keep_folder: bool) -> None:
+    """Undo a store created by a failed first write (an empty folder stays a folder)."""
+    if not keep_folder:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for child in path.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from cmdtool.decompose import CMD
 from cmdtool.errors import DeviceError, UsageError
 from cmdtool.ingest import ingest
 from cmdtool.kernels import resolve_device
+from cmdtool.sampling import sample_indices
 from tests import cmd_reference as ref
 from tests.conftest import (
     n_modeled,
@@ -135,3 +136,48 @@ def test_cuda_without_gpu_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(DeviceError, match="no CUDA device"):
         resolve_device("cuda")
+
+
+def test_weights_read_at_most_once(planted_store, monkeypatch):
+    # guards: sampling from the ingest-time pool in CMD._fit (no second pass over weights)
+    import collections
+
+    import zarr.storage
+
+    store, w, _ = planted_store
+    reads: collections.Counter[str] = collections.Counter()
+    original = zarr.storage.LocalStore.get
+
+    async def counting_get(self, key, *args, **kwargs):
+        reads[key] += 1
+        return await original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", counting_get)
+    model = CMD(4, n_samples=500, epochs="3:15", stride=3).fit(store)
+    chunks = {k: v for k, v in reads.items() if k.startswith("weights/c/")}
+    assert chunks and max(chunks.values()) == 1
+    read_rows = {int(k.split("/")[2]) for k in chunks}
+    assert read_rows == set(model.window_rows_.tolist())  # only the window's rows
+    assert len(chunks) == len(model.window_rows_)  # one chunk per row in this small store
+    oracle = ref.fit(w[:, model.window_rows_], model.sample_index_, n_modes=4)
+    assert np.allclose(model.a_, oracle["a"], rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_usable_pool_samples_come_from_weights(planted_store):
+    store, w, _ = planted_store
+    # K/2 <= L (7 tensors): the design's uniform sampling over all N, not from the pool
+    model = CMD(3, n_samples=12).fit(store)
+    assert len(model.sample_index_) == 12
+    assert np.array_equal(model.sample_index_, sample_indices(_sizes(store), 12, 0))
+    oracle = ref.fit(w, model.sample_index_, n_modes=3)
+    assert np.array_equal(model.ref_index_, oracle["ref_index"])
+    assert np.allclose(model.a_, oracle["a"], rtol=1e-5, atol=1e-6)
+
+
+def _sizes(store):
+    import zarr
+
+    return [
+        int(np.prod(p["shape"]))
+        for p in zarr.open_group(store, mode="r").attrs["cmdtool"]["params"]
+    ]

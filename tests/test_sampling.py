@@ -45,3 +45,19 @@ def test_k_equal_n_takes_everything_and_k_over_n_is_refused():
     assert np.array_equal(sample_indices([4, 6], 10), np.arange(10))
     with pytest.raises(UsageError, match="samples=11 must be <= the number of parameters 10"):
         sample_indices([4, 6], 11)
+
+
+def test_pool_draws_keep_the_budgets_and_stay_in_the_pool():
+    from cmdtool.sampling import sample_from_pool
+
+    sizes = [50, 20_000, 7, 300_000]
+    pool = sample_indices(sizes, 4096, seed=0)
+    picked = sample_from_pool(sizes, pool, 1000, seed=3)
+    assert picked is not None and len(np.unique(picked)) == 1000
+    assert np.isin(picked, pool).all()
+    bounds = np.cumsum([0, *sizes])
+    per = [int(((picked >= lo) & (picked < hi)).sum()) for lo, hi in pairwise(bounds)]
+    assert per == list(tensor_budgets(sizes, 1000))
+    assert np.array_equal(picked, sample_from_pool(sizes, pool, 1000, seed=3))
+    assert sample_from_pool(sizes, pool, 5000, seed=0) is None  # more than the pool holds
+    assert sample_from_pool(sizes, pool, 6, seed=0) is None  # K/2 <= L: uniform over N

@@ -1,0 +1,87 @@
+"""The streamed pass of steps 5-6 on one machine: column blocks of ``weights`` through
+:func:`cmdtool.kernels.fit_block`, the next block read while the device works."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zarr
+
+from cmdtool.kernels import BlockFit, References, fit_block
+from cmdtool.store import TrajectoryStore
+
+# Columns per kernel call: bounds the float32 temporaries to ~16 MB per (T' x n) copy.
+KERNEL_ELEMENTS = 1 << 22
+
+
+@dataclass
+class PassTotals:
+    """Per-mode sums over all N parameters: squared residuals, squared values, counts."""
+
+    err2: np.ndarray
+    sq: np.ndarray
+    count: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @classmethod
+    def zeros(cls, m: int) -> PassTotals:
+        return cls(np.zeros(m), np.zeros(m), np.zeros(m, dtype=np.int64))
+
+    def add(self, other: PassTotals | BlockFit) -> None:
+        self.err2 += other.err2
+        self.sq += other.sq
+        self.count += other.count
+
+
+def fit_columns(block: np.ndarray, refs: References, device: torch.device) -> list[BlockFit]:
+    """Fit one block (float32, (T', n)) in kernel-sized pieces on ``device``."""
+    x = torch.from_numpy(block)
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    step = max(1, KERNEL_ELEMENTS // max(block.shape[0], 1))
+    return [fit_block(x[:, j : j + step], refs) for j in range(0, block.shape[1], step)]
+
+
+def write_block(arrays: dict[str, zarr.Array], start: int, parts: list[BlockFit]) -> None:
+    """Store the labels, a and b of consecutive pieces starting at column ``start``."""
+    stop = start + sum(len(p.labels) for p in parts)
+    for key in ("labels", "a", "b"):
+        arrays[key][start:stop] = np.concatenate([getattr(p, key) for p in parts])
+
+
+def local_pass(
+    st: TrajectoryStore,
+    rows: np.ndarray,
+    ref_traj: np.ndarray,
+    arrays: dict[str, zarr.Array],
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> PassTotals:
+    """Steps 5-6 over every column block, reading each chunk of the window once."""
+    refs = References.from_trajectories(ref_traj, device)
+    totals = PassTotals.zeros(refs.n_modes)
+    for start, stop, block in _prefetched(st, rows):
+        parts = fit_columns(block, refs, device)
+        write_block(arrays, start, parts)
+        for p in parts:
+            totals.add(p)
+        if progress is not None:
+            progress(stop, st.n_params)
+    return totals
+
+
+def _prefetched(st: TrajectoryStore, rows: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Column blocks of the window, the next one read while the caller works on this one."""
+    blocks = list(st.column_blocks())
+    if not blocks:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmdtool-read") as pool:
+        pending = pool.submit(st.read_block, rows, *blocks[0])
+        for i, (start, stop) in enumerate(blocks):
+            block = pending.result()
+            if i + 1 < len(blocks):
+                pending = pool.submit(st.read_block, rows, *blocks[i + 1])
+            yield start, stop, block
