@@ -205,6 +205,10 @@ def ingest(
             "replaced by an inert placeholder and only tensors are used.",
         ),
     ] = None,
+    readers: Annotated[
+        int,
+        typer.Option("--readers", help="Checkpoints read ahead concurrently (0: none)."),
+    ] = 2,
     as_json: JsonOpt = False,
 ) -> None:
     """Append the checkpoints of SOURCE that are not yet in STORE."""
@@ -219,6 +223,7 @@ def ingest(
             exclude=exclude,
             allow_nonfinite=allow_nonfinite,
             allow_globals=allow_global or (),
+            readers=readers,
             progress=bar,
         )
     if as_json:

@@ -13,6 +13,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,6 +255,26 @@ def _changed_since_commit(
     return changed
 
 
+def _read_ahead(
+    todo: list[CheckpointEntry], readers: int
+) -> Iterator[tuple[CheckpointEntry, tuple[int, int, str]]]:
+    """Entries in order with their fingerprints, up to ``readers`` of them being read
+    concurrently ahead of the one being written (which warms the page cache too)."""
+    if readers < 0:
+        raise UsageError(f"readers={readers} must be >= 0")
+    if readers == 0:
+        for entry in todo:
+            yield entry, fingerprint(entry)
+        return
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="cmdtool-ingest") as pool:
+        ahead = [pool.submit(fingerprint, e) for e in todo[: readers + 1]]
+        for i, entry in enumerate(todo):
+            print_ = ahead[i].result()
+            if i + readers + 1 < len(todo):
+                ahead.append(pool.submit(fingerprint, todo[i + readers + 1]))
+            yield entry, print_
+
+
 def _append(
     store: TrajectoryStore,
     entry: CheckpointEntry,
@@ -261,6 +282,7 @@ def _append(
     keep: _NameFilter,
     root: Path,
     allow_nonfinite: bool,
+    print_: tuple[int, int, str],
 ) -> None:
     """Write one epoch's rows, then commit it; on any failure drop the partial row."""
     where = entry.relpath(root)
@@ -281,7 +303,7 @@ def _append(
             dt = dtype_name(ckpt.spec(mapping[p.name])[1])
             if dt != p.dtype:
                 dtypes[p.name] = dt
-        size, mtime, sha = fingerprint(entry)
+        size, mtime, sha = print_
         store.commit_epoch(
             EpochInfo(
                 label=entry.label,
@@ -310,6 +332,7 @@ def ingest(
     exclude: str | None = None,
     allow_nonfinite: bool = False,
     allow_globals: Sequence[str] = (),
+    readers: int = 2,
     progress: Progress | None = None,
 ) -> IngestSummary:
     """Append the checkpoints of ``source`` that are not yet in the store.
@@ -330,6 +353,10 @@ def ingest(
     allow_globals : sequence of str
         Qualified names of pickled classes a torch/Lightning file may mention; they are
         replaced by inert placeholders (no code of theirs runs) and only tensors are used.
+    readers : int
+        Checkpoints read (and hashed) ahead on background threads while the current one
+        is written; 0 reads each one only when its turn comes. Rows are always written
+        in epoch order.
     progress : callable(done, total, label), optional
 
     Returns
@@ -360,7 +387,7 @@ def ingest(
                 f"{e.relpath(root)}: epoch {e.label} is older than the store's last epoch "
                 f"{store.labels[-1]}; cmdtool only appends, ingest into a new store"
             )
-        for done, entry in enumerate(todo):
+        for done, (entry, print_) in enumerate(_read_ahead(todo, readers)):
             with open_checkpoint(entry, allow_globals=allow_globals) as ckpt:
                 if store is None:
                     params, extras = _layout_from(ckpt, keep)
@@ -378,7 +405,7 @@ def ingest(
                         pool_index=sample_indices(sizes, min(POOL_SIZE, sum(sizes)), seed=0),
                     )
                     created_here = True
-                _append(store, entry, ckpt, keep, root, allow_nonfinite)
+                _append(store, entry, ckpt, keep, root, allow_nonfinite, print_)
                 key = ckpt.state_key or "(top level)"
                 summary.state_keys[key] = summary.state_keys.get(key, 0) + 1
             summary.added.append(entry.label)

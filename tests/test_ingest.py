@@ -221,3 +221,16 @@ def test_checkpoint_changed_after_commit_is_reported_not_reread(tmp_path, traj):
     assert np.array_equal(zarr.open_group(store, mode="r")["weights"][1], before)
     recorded = TrajectoryStore.open(store).epochs[0]
     assert recorded.sha256 is not None and recorded.size == paths[0].stat().st_size
+
+
+@pytest.mark.parametrize("readers", [0, 1, 4])
+def test_read_ahead_writes_the_same_store(tmp_path, traj, readers):
+    # guards: ingest._read_ahead keeps epoch order and pairs each file with its own hash
+    run = tmp_path / "run"
+    write_run(run, state_dicts(traj))
+    ingest(run, tmp_path / "s.zarr", readers=readers)
+    _check_rows(tmp_path / "s.zarr", traj, [1, 2, 3, 4, 5])
+    import hashlib
+
+    for epoch in TrajectoryStore.open(tmp_path / "s.zarr").epochs:
+        assert epoch.sha256 == hashlib.sha256((run / epoch.source).read_bytes()).hexdigest()
