@@ -39,6 +39,8 @@ from cmdtool.store import (
 )
 
 Progress = Callable[[int, int, str], None]
+#: Chunks written per zarr call (zarr writes them concurrently): a 16 MiB buffer.
+WRITE_CHUNKS = 16
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -166,8 +168,12 @@ def _row_blocks(
     where: str,
     allow_nonfinite: bool,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, values)`` chunk-aligned float32 pieces of one epoch's row."""
-    width = store.chunk
+    """``(start, values)`` chunk-aligned float32 pieces of one epoch's row.
+
+    Pieces span up to :data:`WRITE_CHUNKS` chunks, so that zarr writes those chunks
+    concurrently; the buffer is reused, the caller writes each piece before the next.
+    """
+    width = store.chunk * WRITE_CHUNKS
     buf = np.empty(width, dtype=np.float32)
     fill = 0
     start = 0
@@ -183,16 +189,20 @@ def _row_blocks(
                 f"{where}: tensor {src!r} is {dtype_name(t.dtype)}, the store models it as "
                 f"floating ({p.dtype})"
             )
-        if not allow_nonfinite and not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(
-                f"{where}: tensor {src!r} of epoch {label} holds NaN or Inf; "
-                "pass --allow-nonfinite to store it anyway"
-            )
         flat = t.reshape(-1)
         i = 0
         while i < p.size:
             take = min(p.size - i, width - fill)
-            buf[fill : fill + take] = flat[i : i + take].to(torch.float32).numpy()
+            piece = buf[fill : fill + take]
+            piece[:] = flat[i : i + take].to(torch.float32).numpy()
+            # one float64 sum is finite iff every value is (float32 values cannot
+            # overflow it); also catches fp64 values beyond float32's range
+            if not allow_nonfinite and not np.isfinite(np.sum(piece, dtype=np.float64)):
+                raise NonFiniteError(
+                    f"{where}: tensor {src!r} of epoch {label} holds NaN or Inf"
+                    + (" after conversion to float32" if p.dtype == "float64" else "")
+                    + "; pass --allow-nonfinite to store it anyway"
+                )
             fill += take
             i += take
             if fill == width:

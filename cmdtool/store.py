@@ -17,6 +17,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ class TrajectoryStore:
         self._group = group
         self._writable = writable
         self._lock = lock
+        self._writer: ThreadPoolExecutor | None = None
         self._load_meta()
 
     def close(self) -> None:
@@ -162,6 +164,9 @@ class TrajectoryStore:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
         self._writable = False
 
     def __enter__(self) -> TrajectoryStore:
@@ -396,11 +401,31 @@ class TrajectoryStore:
         return t
 
     def write_row_block(self, row: int, start: int, values: np.ndarray) -> None:
-        """Write ``values`` (float32, (n,)) at columns ``start : start + n`` of ``row``."""
-        try:
-            self.weights[row, start : start + values.shape[0]] = values
-        except OSError as exc:
-            raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+        """Write ``values`` (float32, (n,)) at columns ``start : start + n`` of ``row``.
+
+        Chunks are written concurrently, one zarr call each, and all of them have
+        finished (written or failed) when this returns or raises: zarr's own concurrent
+        write raises at the first failure while other chunk writes are still in flight,
+        which could land after the caller has rolled the row back.
+        """
+        stop = start + values.shape[0]
+        bounds = [*range(start, stop, self.chunk), stop]
+        pieces = list(zip(bounds[:-1], bounds[1:], strict=True))
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cmdtool-write")
+
+        def put(lo: int, hi: int) -> None:
+            self.weights[row, lo:hi] = values[lo - start : hi - start]
+
+        done = [self._writer.submit(put, lo, hi) for lo, hi in pieces]
+        errors = [f.exception() for f in done]  # waits for every write
+        first = next((e for e in errors if e is not None), None)
+        if isinstance(first, OSError):
+            raise StoreError(
+                f"cannot write store {self.path}: {first.strerror or first}"
+            ) from first
+        if first is not None:
+            raise first
 
     def write_extras_row(self, row: int, data: np.ndarray) -> None:
         """Write one epoch's non-modeled tensors as raw bytes (uint8, (B,))."""
