@@ -18,6 +18,7 @@ import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -410,7 +411,7 @@ class TrajectoryStore:
         """
         stop = start + values.shape[0]
         bounds = [*range(start, stop, self.chunk), stop]
-        pieces = list(zip(bounds[:-1], bounds[1:], strict=True))
+        pieces = list(pairwise(bounds))
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cmdtool-write")
 
