@@ -178,6 +178,12 @@ SourceArg = Annotated[Path, typer.Argument(help="Folder of checkpoints.")]
 StoreArg = Annotated[Path, typer.Argument(help="Trajectory store (a zarr v3 folder).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
 NameOpt = Annotated[str, typer.Option("--name", help="Name of the decomposition subgroup.")]
+ClusterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cluster", metavar="ADDRESS", help="dask.distributed scheduler address, or 'local'."
+    ),
+]
 
 
 @app.command()
@@ -249,6 +255,7 @@ def decompose(
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     name: NameOpt = "cmd",
+    cluster: ClusterOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the modes of STORE and fit every parameter to one (CMD)."""
@@ -266,6 +273,7 @@ def decompose(
             stride=stride,
             seed=seed,
             device=device,
+            cluster=cluster,
         ).fit(store, name=name, progress=(lambda d, t: bar(d, t)) if bar else None)
     if as_json:
         _emit_json(_decompose_json(model))
@@ -285,6 +293,7 @@ def reconstruct(
     raw: Annotated[
         bool, typer.Option("--raw", help="Write the stored epochs themselves, not the model's.")
     ] = False,
+    cluster: ClusterOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write checkpoints rebuilt from the decomposition, in the source's names and dtypes."""
@@ -292,7 +301,14 @@ def reconstruct(
 
     with _errors(), _progress("reconstruct", not as_json) as bar:
         summary = run_reconstruct(
-            store, out_dir, epochs=epochs, name=name, fmt=fmt, raw=raw, progress=bar
+            store,
+            out_dir,
+            epochs=epochs,
+            name=name,
+            fmt=fmt,
+            raw=raw,
+            cluster=cluster,
+            progress=bar,
         )
     if as_json:
         _emit_json(vars(summary))

@@ -12,22 +12,23 @@ import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cmdtool.clustering import find_modes
 from cmdtool.epochs import select_window
-from cmdtool.errors import StoreError, UsageError
+from cmdtool.errors import CmdtoolError, StoreError, UsageError
 from cmdtool.kernels import resolve_device
 from cmdtool.sampling import sample_from_pool, sample_indices
 from cmdtool.store import RESULT_ATTR, TrajectoryStore, check_result_name
 from cmdtool.streaming import local_pass
 
+if TYPE_CHECKING:
+    from distributed import Client
+
 Progress = Callable[[int, int], None]
 MIN_EPOCHS = 3
-# Columns per kernel call: bounds the float64 temporaries to ~32 MB per (T' x n) copy.
-_KERNEL_ELEMENTS = 1 << 22
 
 
 def _as_store(store: TrajectoryStore | str | os.PathLike[str], mode: str) -> TrajectoryStore:
@@ -57,6 +58,12 @@ class CMD:
         Seed of the sampling.
     device : str, default "auto"
         Torch device of the streamed pass: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    cluster : str, optional
+        Run the streamed pass as Dask tasks on this ``dask.distributed`` scheduler
+        address, or ``"local"`` for a LocalCluster started for the fit (needs
+        ``pip install "cmdtool[dask]"``; see :mod:`cmdtool.distributed`). The workers must
+        see the store at the same path; each resolves ``device`` for itself. The results
+        are the same as without it.
 
     Attributes
     ----------
@@ -90,6 +97,7 @@ class CMD:
         stride: int = 1,
         seed: int = 0,
         device: str = "auto",
+        cluster: str | None = None,
     ) -> None:
         self.n_modes = n_modes
         self.threshold = threshold
@@ -98,6 +106,7 @@ class CMD:
         self.stride = stride
         self.seed = seed
         self.device = device
+        self.cluster = cluster
 
     # ---------------------------------------------------------------- checking
     def _check(self, store: TrajectoryStore) -> tuple[np.ndarray, int | None]:
@@ -147,17 +156,33 @@ class CMD:
         self
         """
         check_result_name(name)
+        if self.cluster is not None:
+            from cmdtool.distributed import check_device_request, check_store_path, connect
+
+            check_store_path(store)
+            check_device_request(self.device)
         st = _as_store(store, "r+")
         try:
-            self._fit(st, name, progress)
+            if self.cluster is None:
+                self._fit(st, name, progress)
+            else:
+                self._check(st)  # bad settings fail before a cluster is started or reached
+                with connect(self.cluster) as client:
+                    self._fit(st, name, progress, client)
         finally:
             if st is not store:
                 st.close()  # release the write lock; the estimator keeps reading
         return self
 
-    def _fit(self, st: TrajectoryStore, name: str, progress: Progress | None) -> None:
+    def _fit(
+        self,
+        st: TrajectoryStore,
+        name: str,
+        progress: Progress | None,
+        client: Client | None = None,
+    ) -> None:
         rows, n_modes = self._check(st)
-        device = resolve_device(self.device)
+        device = resolve_device(self.device) if client is None else None  # workers resolve it
         t0 = time.perf_counter()
 
         sizes = [p.size for p in st.params]
@@ -191,7 +216,15 @@ class CMD:
                 )
                 for key, dt in (("labels", "int32"), ("a", "float32"), ("b", "float32"))
             }
-            totals = local_pass(st, rows, ref_traj, arrays, device, progress)
+            if client is None:
+                assert device is not None
+                totals = local_pass(st, rows, ref_traj, arrays, device, progress)
+                used = str(device)
+            else:
+                from cmdtool.distributed import dask_pass
+
+                totals = dask_pass(client, st, rows, ref_traj, arrays, self.device, progress)
+                used = totals.device
             err2, sq, count = totals.err2, totals.sq, totals.count
             group.create_array("ref_index", data=ref_index.astype(np.int64))
             group.create_array("ref_traj", data=ref_traj.astype(np.float32))
@@ -216,11 +249,14 @@ class CMD:
                 "relative_error": rel,
                 "mode_errors": [float(e) for e in mode_err],
                 "seconds": seconds,
-                "device": str(device),
+                "device": used,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             group.attrs.put({RESULT_ATTR: attrs})
             st.publish_result(name)
+        except CmdtoolError:  # already says what failed (a ClusterError is an OSError too)
+            st.discard_result(name)
+            raise
         except OSError as exc:
             st.discard_result(name)
             raise StoreError(f"cannot write store {st.path}: {exc.strerror or exc}") from exc

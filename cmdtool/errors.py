@@ -17,6 +17,7 @@ code  meaning
 5     mismatch: a checkpoint's tensors or shapes differ from the store's
 6     store: the store is corrupt, of a newer format, or cannot be written
 7     device: the requested compute device is not available
+8     cluster: the Dask scheduler cannot be reached, or a worker or task was lost
 130   interrupted (Ctrl-C)
 ====  ==========================================================================
 """
@@ -94,3 +95,9 @@ class DeviceError(CmdtoolError, RuntimeError):
     """The requested compute device is not available."""
 
     exit_code = 7
+
+
+class ClusterError(CmdtoolError, ConnectionError):
+    """The Dask cluster (``--cluster``) cannot be reached, or lost a task or worker mid-run."""
+
+    exit_code = 8

@@ -129,6 +129,7 @@ def reconstruct(
     name: str = "cmd",
     fmt: str = "safetensors",
     raw: bool = False,
+    cluster: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> ReconstructSummary:
     """Write ``OUT/epoch_<label>.safetensors`` (or ``.pt``) for the chosen epochs.
@@ -146,9 +147,17 @@ def reconstruct(
     raw : bool
         Write the stored epochs themselves instead of the model's (no decomposition
         needed): an export of the store.
+    cluster : str, optional
+        Write one file per Dask task on this ``dask.distributed`` scheduler address, or
+        ``"local"`` (see :mod:`cmdtool.distributed`); the workers must see the store and
+        ``out`` at the same paths. The files are the same as without it.
     """
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if cluster is not None:
+        from cmdtool.distributed import check_store_path
+
+        check_store_path(store)
     st = store if isinstance(store, TrajectoryStore) else TrajectoryStore.open(store)
     model = None if raw else CMD.load(st, name)
     rows = select_epochs(st.labels, epochs)
@@ -167,16 +176,36 @@ def reconstruct(
         raise StoreError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
     for leftover in out_dir.glob(".epoch_*.tmp"):  # from a reconstruct that was killed
         leftover.unlink(missing_ok=True)
-    files = []
     labels = [st.labels[int(r)] for r in rows]
+    if cluster is not None:
+        from cmdtool.distributed import connect, dask_reconstruct
+
+        with connect(cluster) as client:
+            dask_reconstruct(client, st, out_dir, labels, model=model, fmt=fmt, progress=progress)
+        return ReconstructSummary(
+            files=[str(_target(out_dir, label, fmt)) for label in labels], epochs=labels
+        )
+    files = []
     for i, label in enumerate(labels):
-        state = raw_state(st, label) if model is None else rebuild_state(model, label)
-        target = out_dir / f"epoch_{label}.{'safetensors' if fmt == 'safetensors' else 'pt'}"
-        if fmt == "safetensors":
-            _atomic_write(target, lambda p, s=state: save_file(s, p))  # type: ignore[misc]
-        else:
-            _atomic_write(target, lambda p, s=state: torch.save(s, p))  # type: ignore[misc]
-        files.append(str(target))
+        files.append(write_epoch(st, model, label, out_dir, fmt))
         if progress is not None:
-            progress(i + 1, len(labels), target.name)
+            progress(i + 1, len(labels), Path(files[-1]).name)
     return ReconstructSummary(files=files, epochs=labels)
+
+
+def _target(out_dir: Path, label: int, fmt: str) -> Path:
+    return out_dir / f"epoch_{label}.{'safetensors' if fmt == 'safetensors' else 'pt'}"
+
+
+def write_epoch(st: TrajectoryStore, model: CMD | None, label: int, out_dir: Path, fmt: str) -> str:
+    """Write epoch ``label`` rebuilt from ``model`` (None: as stored) into ``out_dir``.
+
+    The file is written under a temporary name and renamed; returns its path.
+    """
+    state = raw_state(st, label) if model is None else rebuild_state(model, label)
+    target = _target(out_dir, label, fmt)
+    if fmt == "safetensors":
+        _atomic_write(target, lambda p, s=state: save_file(s, p))  # type: ignore[misc]
+    else:
+        _atomic_write(target, lambda p, s=state: torch.save(s, p))  # type: ignore[misc]
+    return str(target)
