@@ -18,6 +18,8 @@ code  meaning
 6     store: the store is corrupt, of a newer format, or cannot be written
 7     device: the requested compute device is not available
 8     cluster: the Dask scheduler cannot be reached, or a worker or task was lost
+9     evaluation: the ``--eval`` function cannot be loaded, raises, or returns non-numbers
+10    gate failed: ``--fail-if-worse``, CMD scored worse than raw (``GateFailed``)
 130   interrupted (Ctrl-C)
 ====  ==========================================================================
 """
@@ -101,3 +103,10 @@ class ClusterError(CmdtoolError, ConnectionError):
     """The Dask cluster (``--cluster``) cannot be reached, or lost a task or worker mid-run."""
 
     exit_code = 8
+
+
+class EvaluationError(CmdtoolError, RuntimeError):
+    """The ``--eval`` function cannot be imported, lacks the function, raises, or returns
+    something other than a dict of metric name to number."""
+
+    exit_code = 9

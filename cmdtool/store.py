@@ -588,6 +588,24 @@ class TrajectoryStore:
         except OSError as exc:
             raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
 
+    def set_result_attr(self, name: str, key: str, value: Any) -> None:
+        """Set the JSON attribute ``key`` of the results group ``name`` (a writer only).
+
+        The caller holds the write lock (a store opened with ``mode="r+"``); zarr rewrites
+        the group's one ``zarr.json`` through a temporary file, so readers see the old or
+        the new attributes, never a mix.
+        """
+        self._require_writable()
+        group = self.open_result(name)
+        try:
+            group.attrs.update({key: value})
+        except OSError as exc:
+            raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+
+    def result_attr(self, name: str, key: str) -> Any:
+        """The JSON attribute ``key`` of the results group ``name``; None if unset."""
+        return self.open_result(name).attrs.asdict().get(key)
+
     def discard_result(self, name: str) -> None:
         shutil.rmtree(self.path / (_PARTIAL_PREFIX + name), ignore_errors=True)
 
