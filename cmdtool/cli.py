@@ -354,6 +354,42 @@ def info(store: StoreArg, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def report(
+    store: StoreArg,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", metavar="DIR", help="Report folder [default: STORE/../report]."),
+    ] = None,
+    name: NameOpt = "cmd",
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a non-empty report folder.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write DIR/report.html (self-contained), the figures as PNG files and report.json."""
+    from cmdtool.decompose import CMD
+    from cmdtool.report import write_report
+
+    with _errors():
+        summary = write_report(store, out_dir, name=name, force=force)
+        model = None if as_json else CMD.load(store, name)
+    if as_json:
+        _emit_json(vars(summary))
+        return
+    _print_modes(model)
+    _print_report(summary)
+
+
+def _print_report(summary: Any) -> None:
+    out.print(
+        f"report: {summary.html} ({len(summary.figures)} figures, report.json); relative "
+        f"error over all epochs {summary.relative_error:.4f}, compression "
+        f"{summary.compression_ratio:.1f}x",
+        highlight=False,
+    )
+
+
+@app.command()
 def run(
     source: SourceArg,
     out_dir: Annotated[
@@ -361,7 +397,7 @@ def run(
     ],
     as_json: JsonOpt = False,
 ) -> None:
-    """Ingest SOURCE into OUT/store.zarr, decompose with defaults, rebuild the last epoch."""
+    """Ingest SOURCE into OUT/store.zarr, decompose, rebuild the last epoch, write OUT/report."""
     from cmdtool.pipeline import run_all
 
     with _errors(), _progress("run", not as_json) as bar:
@@ -372,12 +408,144 @@ def run(
                 "ingest": vars(result.ingest),
                 "decompose": _decompose_json(result.model),
                 "reconstruct": vars(result.reconstruct),
+                "report": vars(result.report),
             }
         )
         return
     _print_ingest(result.ingest)
     _print_modes(result.model)
     out.print(f"rebuilt {', '.join(result.reconstruct.files)} from the CMD model", highlight=False)
+    _print_report(result.report)
+
+
+EvalOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--eval",
+        metavar="MODULE:FUNCTION",
+        help="Function (state dict -> dict of metric -> float): pkg.mod:fn or path/file.py:fn.",
+    ),
+]
+
+
+def _fmt(v: float | None) -> str:
+    return "nan" if v is None or v != v else f"{v:.4f}"
+
+
+@app.command()
+def evaluate(
+    store: StoreArg,
+    eval_target: Annotated[
+        str,
+        typer.Option(
+            "--eval",
+            metavar="MODULE:FUNCTION",
+            help="Function (state dict -> dict of metric -> float): pkg.mod:fn or path/file.py:fn.",
+        ),
+    ],
+    epochs: Annotated[
+        str, typer.Option("--epochs", help="last, all, A:B (labels) or 3,7,10.")
+    ] = "all",
+    name: NameOpt = "cmd",
+    fail_if_worse: Annotated[
+        str | None,
+        typer.Option(
+            "--fail-if-worse",
+            metavar="METRIC[:TOL]",
+            help="Exit 10 if CMD's mean METRIC over the last 10 epochs evaluated is below "
+            "raw's minus TOL (default 0).",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate the raw and the CMD checkpoint of each epoch with a user function."""
+    from cmdtool.evaluate import check_gate, parse_gate
+    from cmdtool.evaluate import evaluate as run_evaluate
+
+    with _errors(), _progress("evaluate", not as_json) as bar:
+        gate = parse_gate(fail_if_worse) if fail_if_worse is not None else None
+        result = run_evaluate(store, eval_target, epochs=epochs, name=name, progress=bar)
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        table = Table(title=f"raw and CMD ('{name}') checkpoints")
+        table.add_column("epoch", justify="right")
+        for m in result.metrics:
+            table.add_column(f"{m} raw", justify="right")
+            table.add_column(f"{m} CMD", justify="right")
+        for i, label in enumerate(result.epochs):
+            cells = [str(label)]
+            for m in result.metrics:
+                cells += [_fmt(result.raw[m][i]), _fmt(result.cmd[m][i])]
+            table.add_row(*cells)
+        out.print(table)
+        out.print(f"metrics from {result.function}, stored in {store}/{name}", highlight=False)
+    if gate is not None:
+        with _errors():
+            raw_mean, cmd_mean = check_gate(result, *gate)
+        if not as_json:
+            out.print(
+                f"gate passed: mean {gate[0]} CMD {cmd_mean:.6g} >= raw {raw_mean:.6g} "
+                f"- {gate[1]:g}",
+                highlight=False,
+            )
+
+
+@app.command()
+def sweep(
+    store: StoreArg,
+    modes: Annotated[
+        str, typer.Option("--modes", help="Numbers of modes to try, e.g. 1,2,5,10,20.")
+    ] = "1,2,5,10,20",
+    eval_target: EvalOpt = None,
+    samples: Annotated[
+        int | None, typer.Option("--samples", help="K [default: the decomposition's].")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Sampling seed [default: the decomposition's].")
+    ] = None,
+    epochs: Annotated[
+        str | None,
+        typer.Option("--epochs", help="Window A:B (half-open) [default: the decomposition's]."),
+    ] = None,
+    name: NameOpt = "cmd",
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit CMD for several numbers of modes: error (and metrics) against M."""
+    from cmdtool.errors import UsageError
+    from cmdtool.evaluate import sweep as run_sweep
+
+    with _errors(), _progress("sweep", not as_json) as bar:
+        try:
+            ms = [int(p) for p in modes.split(",") if p.strip()]
+        except ValueError:
+            raise UsageError(f"--modes {modes!r} must be comma-separated integers") from None
+        result = run_sweep(
+            store,
+            ms,
+            fn=eval_target,
+            samples=samples,
+            seed=seed,
+            epochs=epochs,
+            name=name,
+            progress=bar,
+        )
+    if as_json:
+        _emit_json(result.to_json())
+        return
+    table = Table(title=f"sweep of the number of modes (window {result.window})")
+    table.add_column("M", justify="right")
+    table.add_column("found", justify="right")
+    table.add_column("rel. error", justify="right")
+    for metric in result.metrics:
+        table.add_column(f"{metric} CMD @ {result.epoch}", justify="right")
+    for i, m in enumerate(result.modes):
+        cells = [str(m), str(result.n_modes_found[i]), f"{result.relative_error[i]:.4f}"]
+        cells += [_fmt(result.metrics[k][i]) for k in result.metrics]
+        table.add_row(*cells)
+    out.print(table)
+    for k, v in result.raw_metrics.items():
+        out.print(f"raw {k} at epoch {result.epoch}: {_fmt(v)}", highlight=False)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""``cmdtool run``: ingest, decompose and rebuild the last epoch in one go."""
+"""``cmdtool run``: ingest, decompose, rebuild the last epoch and report in one go."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from cmdtool.decompose import CMD
 from cmdtool.ingest import IngestSummary, ingest
 from cmdtool.reconstruct import ReconstructSummary, reconstruct
+from cmdtool.report import REPORT_DIR, ReportSummary, write_report
 
 STORE_NAME = "store.zarr"
 REBUILT_NAME = "reconstructed"
@@ -21,6 +22,7 @@ class RunResult:
     ingest: IngestSummary
     model: CMD
     reconstruct: ReconstructSummary
+    report: ReportSummary
 
 
 def run_all(
@@ -31,7 +33,8 @@ def run_all(
 ) -> RunResult:
     """Ingest ``source`` into ``out/store.zarr`` (appending to an existing one), decompose
     with the defaults (10 modes, K = min(1000, N)) and write the last epoch rebuilt from the
-    model to ``out/reconstructed/``."""
+    model to ``out/reconstructed/`` and the report to ``out/report/`` (replacing the one a
+    previous run wrote)."""
     out_dir = Path(out)
     store = out_dir / STORE_NAME
     summary = ingest(source, store, progress=progress)
@@ -40,4 +43,5 @@ def run_all(
         store, progress=(lambda d, t: progress(d, t, "decompose")) if progress else None
     )
     rebuilt = reconstruct(model.store_, out_dir / REBUILT_NAME, epochs="last")
-    return RunResult(ingest=summary, model=model, reconstruct=rebuilt)
+    report = write_report(model.store_, out_dir / REPORT_DIR, force=True)
+    return RunResult(ingest=summary, model=model, reconstruct=rebuilt, report=report)

@@ -1,0 +1,243 @@
+"""The numbers of a report: one streamed pass over ``weights`` plus the K samples.
+
+Everything here is numpy; nothing is drawn. The N x T matrix is never held: the pass reads
+one column block (all epochs) at a time and keeps per-(epoch, tensor) sums in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cmdtool.clustering import abs_corr
+from cmdtool.store import RESULT_ATTR, TrajectoryStore
+
+EVALUATION_ATTR = "cmdtool_evaluation"
+SWEEP_ATTR = "cmdtool_sweep"
+#: Sampled members per mode drawn against their reconstruction.
+MEMBERS_SHOWN = 3
+
+
+@dataclass
+class ReportData:
+    """What the figures and ``report.json`` are made of.
+
+    Attributes
+    ----------
+    summary : dict
+        The content of ``report.json`` (see :data:`cmdtool.report.schema.SCHEMA`).
+    epochs : ndarray, int64, shape (T,)
+        Labels of all committed epochs.
+    window_rows : ndarray, int64, shape (T',)
+        Rows of the decomposition's window.
+    ref_all : ndarray, float64, shape (M, T)
+        Each mode's reference over all epochs.
+    samples_all : ndarray, float64, shape (K, T)
+        The K sampled parameters over all epochs.
+    sample_modes : ndarray, int64, shape (K,)
+        The mode of each sample.
+    sample_a, sample_b : ndarray, float64, shape (K,)
+        Affine coefficients of each sample.
+    corr : ndarray, float64, shape (K, K)
+        |corr| of the samples over the window.
+    epoch_error, tensor_error : ndarray, float64
+        Relative reconstruction error per epoch (T,) and per tensor (P,).
+    tensor_shares : ndarray, float64, shape (P, M)
+        Share of each mode in each tensor.
+    tensor_names : list of str
+    tensor_sizes : ndarray, int64, shape (P,)
+    """
+
+    summary: dict[str, Any]
+    epochs: np.ndarray
+    window_rows: np.ndarray
+    ref_all: np.ndarray
+    samples_all: np.ndarray
+    sample_modes: np.ndarray
+    sample_a: np.ndarray
+    sample_b: np.ndarray
+    corr: np.ndarray
+    epoch_error: np.ndarray
+    tensor_error: np.ndarray
+    tensor_shares: np.ndarray
+    tensor_names: list[str] = field(default_factory=list)
+    tensor_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def n_modes(self) -> int:
+        return int(self.ref_all.shape[0])
+
+    @property
+    def evaluation(self) -> dict[str, Any] | None:
+        return self.summary.get("evaluation")
+
+    @property
+    def sweep(self) -> dict[str, Any] | None:
+        return self.summary.get("sweep")
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """sqrt(num / den), 0 where den is 0."""
+    out = np.zeros(np.shape(num), dtype=np.float64)
+    np.divide(num, den, out=out, where=np.asarray(den) > 0)
+    return np.sqrt(out)
+
+
+def _gather(arr: zarr.Array, cols: np.ndarray) -> np.ndarray:
+    """``arr[cols]`` for unsorted, possibly repeated int64 ``cols`` (one sorted read)."""
+    uniq, inv = np.unique(cols, return_inverse=True)
+    return np.asarray(arr.oindex[uniq])[inv]  # type: ignore[index]
+
+
+def _columns(st: TrajectoryStore, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Values at ``rows`` x unsorted ``cols``: float64, (len(cols), len(rows))."""
+    pool = st.pool_index if st.has_pool() else None
+    uniq, inv = np.unique(cols, return_inverse=True)
+    if pool is not None and np.all(np.isin(uniq, pool)):
+        vals = st.read_pool(rows)[:, np.searchsorted(pool, uniq)]
+    else:
+        vals = st.read_columns(rows, uniq)
+    return np.asarray(vals, dtype=np.float64)[:, inv].T
+
+
+def _json_attr(group: zarr.Group, key: str) -> dict[str, Any] | None:
+    value = group.attrs.asdict().get(key)
+    return dict(value) if isinstance(value, dict) else None
+
+
+def compute(st: TrajectoryStore, name: str = "cmd") -> ReportData:
+    """Compute the numbers of the report of decomposition ``name`` of ``st``.
+
+    Parameters
+    ----------
+    st : TrajectoryStore
+        An open store (read-only is enough).
+    name : str, default "cmd"
+        The decomposition subgroup.
+
+    Returns
+    -------
+    ReportData
+
+    Raises
+    ------
+    DecompositionNotFoundError
+        The store has no decomposition ``name``.
+    """
+    group = st.open_result(name)
+    settings: dict[str, Any] = dict(group.attrs[RESULT_ATTR])  # type: ignore[arg-type]
+    labels_arr: zarr.Array = group["labels"]  # type: ignore[assignment]
+    a_arr: zarr.Array = group["a"]  # type: ignore[assignment]
+    b_arr: zarr.Array = group["b"]  # type: ignore[assignment]
+    ref_index = np.asarray(group["ref_index"][:], dtype=np.int64)  # type: ignore[index]
+    sample_index = np.asarray(group["sample_index"][:], dtype=np.int64)  # type: ignore[index]
+    m = int(ref_index.shape[0])
+    n = st.n_params
+    t = st.n_epochs
+    all_rows = np.arange(t, dtype=np.int64)
+    window_rows = np.asarray(settings["rows"], dtype=np.int64)
+    in_window = np.zeros(t, dtype=bool)
+    in_window[window_rows[window_rows < t]] = True
+
+    ref_all = _columns(st, all_rows, ref_index)  # (M, T)
+    samples_all = _columns(st, all_rows, sample_index)  # (K, T)
+    sample_modes = _gather(labels_arr, sample_index).astype(np.int64)
+    sample_a = _gather(a_arr, sample_index).astype(np.float64)
+    sample_b = _gather(b_arr, sample_index).astype(np.float64)
+    corr = abs_corr(samples_all[:, window_rows])
+
+    params = sorted(st.params, key=lambda p: p.offset)
+    n_tensors = len(params)
+    bounds = np.array([p.offset for p in params] + [n], dtype=np.int64)
+    err2 = np.zeros((t, n_tensors))  # sum (w - w_hat)^2 per (epoch, tensor)
+    sq = np.zeros((t, n_tensors))  # sum w^2 per (epoch, tensor)
+    counts = np.zeros((n_tensors, m), dtype=np.int64)
+    mode_err2 = np.zeros((2, m))  # all epochs, window
+    mode_sq = np.zeros((2, m))
+    ref_t = ref_all.T  # (T, M)
+    for start, stop in st.column_blocks():
+        w = st.read_block(all_rows, start, stop).astype(np.float64)  # (T, B)
+        lab = np.asarray(labels_arr[start:stop], dtype=np.int64)
+        a = np.asarray(a_arr[start:stop], dtype=np.float64)
+        b = np.asarray(b_arr[start:stop], dtype=np.float64)
+        diff = w - (a * ref_t[:, lab] + b)
+        e2 = diff * diff
+        del diff
+        w2 = w * w
+        first = int(np.searchsorted(bounds, start, side="right")) - 1
+        cuts = bounds[(bounds > start) & (bounds < stop)] - start
+        seg = np.concatenate([[0], cuts]).astype(np.int64)
+        tid = np.arange(first, first + len(seg))
+        err2[:, tid] += np.add.reduceat(e2, seg, axis=1)
+        sq[:, tid] += np.add.reduceat(w2, seg, axis=1)
+        for j, (lo, hi) in enumerate(zip(seg, [*seg[1:], stop - start], strict=True)):
+            counts[tid[j]] += np.bincount(lab[lo:hi], minlength=m)[:m]
+        for k, sel in enumerate((np.ones(t, dtype=bool), in_window)):
+            mode_err2[k] += np.bincount(lab, weights=e2[sel].sum(axis=0), minlength=m)[:m]
+            mode_sq[k] += np.bincount(lab, weights=w2[sel].sum(axis=0), minlength=m)[:m]
+
+    sizes = np.array([p.size for p in params], dtype=np.int64)
+    shares = counts / np.maximum(sizes, 1)[:, None]
+    epoch_error = _ratio(err2.sum(axis=1), sq.sum(axis=1))
+    tensor_error = _ratio(err2.sum(axis=0), sq.sum(axis=0))
+    mode_sizes = counts.sum(axis=0)
+    stored = n * t
+    model = 2 * n + m * t
+    summary: dict[str, Any] = {
+        "report_version": 1,
+        "decomposition": name,
+        "settings": settings,
+        "n_params": n,
+        "n_epochs": t,
+        "epochs": [int(x) for x in st.labels],
+        "n_modes": m,
+        "mode_sizes": [int(c) for c in mode_sizes],
+        "mode_shares": [float(c) / max(n, 1) for c in mode_sizes],
+        "tensors": [
+            {
+                "name": p.name,
+                "shape": list(p.shape),
+                "offset": p.offset,
+                "size": int(sizes[i]),
+                "mode_counts": [int(c) for c in counts[i]],
+                "mode_shares": [float(s) for s in shares[i]],
+                "relative_error": float(tensor_error[i]),
+            }
+            for i, p in enumerate(params)
+        ],
+        "relative_error": {
+            "overall": float(_ratio(err2.sum(), sq.sum())),
+            "window": float(_ratio(mode_err2[1].sum(), mode_sq[1].sum())),
+            "per_mode": [float(e) for e in _ratio(mode_err2[0], mode_sq[0])],
+            "per_mode_window": [float(e) for e in _ratio(mode_err2[1], mode_sq[1])],
+            "per_epoch": [float(e) for e in epoch_error],
+        },
+        "compression": {
+            "stored_values": stored,
+            "model_values": model,
+            "ratio": stored / model,
+        },
+    }
+    for key, attr in (("evaluation", EVALUATION_ATTR), ("sweep", SWEEP_ATTR)):
+        value = _json_attr(group, attr)
+        if value is not None:
+            summary[key] = value
+    return ReportData(
+        summary=summary,
+        epochs=np.asarray(st.labels, dtype=np.int64),
+        window_rows=window_rows,
+        ref_all=ref_all,
+        samples_all=samples_all,
+        sample_modes=sample_modes,
+        sample_a=sample_a,
+        sample_b=sample_b,
+        corr=corr,
+        epoch_error=epoch_error,
+        tensor_error=tensor_error,
+        tensor_shares=shares,
+        tensor_names=[p.name for p in params],
+        tensor_sizes=sizes,
+    )
