@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -113,6 +116,19 @@ def store_params(store: Path) -> list[dict]:
     import zarr
 
     return list(zarr.open_group(store, mode="r").attrs["cmdtool"]["params"])
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cmdtool ARGS`` as a real process (wide terminal for one-line errors)."""
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "cmdtool", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
 
 
 def tree_digest(path: Path) -> dict[str, bytes]:

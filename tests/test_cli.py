@@ -1,7 +1,6 @@
 """The command line end to end: real processes, exit codes, one-line errors, --json."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import LAYOUT, n_modeled, planted, state_dicts, tree_digest, write_run
+from tests.conftest import LAYOUT, n_modeled, planted, run_cli, state_dicts, tree_digest, write_run
 
-
-def cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "cmdtool", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=300,
-    )
+cli = run_cli
 
 
 @pytest.fixture(scope="module")

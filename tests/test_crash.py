@@ -52,6 +52,35 @@ def source(tmp_path_factory):
     return base, sds, total
 
 
+def _each_write_failing(monkeypatch, err: OSError, action):
+    """Run ``action()`` with the n-th zarr write raising ``err``, for n = 1, 2, ... until
+    it succeeds; after each failure (writes restored) yield n to the caller's checks."""
+    original = zarr.storage.LocalStore.set
+    n = 0
+    while True:
+        n += 1
+        calls = {"n": 0}
+
+        async def failing_set(self, key, value, calls=calls, n=n):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise err
+            await original(self, key, value)
+
+        monkeypatch.setattr(zarr.storage.LocalStore, "set", failing_set)
+        try:
+            action()
+            failed = None
+        except StoreError as exc:
+            failed = exc
+        finally:
+            monkeypatch.setattr(zarr.storage.LocalStore, "set", original)
+        if failed is None:
+            return
+        assert str(err.strerror) in str(failed)
+        yield n
+
+
 def _rows_match_sources(store: Path, sds) -> int:
     """Check every committed row equals its source checkpoint bit for bit; return T."""
     st = TrajectoryStore.open(store)
@@ -99,31 +128,11 @@ def test_io_error_on_every_write_leaves_store_as_it_was(source, tmp_path, monkey
     shutil.copytree(base / "store", store)
     # the copy was made by the runner with CHUNK=1024; appending keeps its chunking
     before = tree_digest(store)
-    original = zarr.storage.LocalStore.set
     n = 0
-    while True:
-        n += 1
-        calls = {"n": 0}
-
-        async def failing_set(self, key, value, calls=calls, n=n):
-            calls["n"] += 1
-            if calls["n"] == n:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            await original(self, key, value)
-
-        monkeypatch.setattr(zarr.storage.LocalStore, "set", failing_set)
-        try:
-            ingest(base / "run", store)
-        except StoreError as exc:
-            assert "No space left on device" in str(exc)
-            monkeypatch.setattr(zarr.storage.LocalStore, "set", original)
-            committed = _rows_match_sources(store, sds)
-            if committed == 2:
-                assert tree_digest(store) == before, n
-            continue
-        finally:
-            monkeypatch.setattr(zarr.storage.LocalStore, "set", original)
-        break  # n beyond the number of writes: the ingest completed
+    nospace = OSError(errno.ENOSPC, "No space left on device")
+    for n in _each_write_failing(monkeypatch, nospace, lambda: ingest(base / "run", store)):
+        if _rows_match_sources(store, sds) == 2:
+            assert tree_digest(store) == before, n
     assert n > 10
     assert _rows_match_sources(store, sds) == EPOCHS
 
@@ -222,32 +231,13 @@ def test_io_error_on_every_result_write_keeps_the_previous_result(source, tmp_pa
     shutil.copytree(base / "full", store)
     first = CMD(2, n_samples=200).fit(store)
     labels = first.labels_
-    original = zarr.storage.LocalStore.set
     n = 0
-    while True:
-        n += 1
-        calls = {"n": 0}
-
-        async def failing_set(self, key, value, calls=calls, n=n):
-            calls["n"] += 1
-            if calls["n"] == n:
-                raise OSError(errno.EIO, "Input/output error")
-            await original(self, key, value)
-
-        monkeypatch.setattr(zarr.storage.LocalStore, "set", failing_set)
-        try:
-            CMD(3, n_samples=300).fit(store)
-        except StoreError as exc:
-            assert "Input/output error" in str(exc)
-            monkeypatch.setattr(zarr.storage.LocalStore, "set", original)
-            kept = CMD.load(store)
-            assert kept.n_modes_ == 2 and np.array_equal(kept.labels_, labels)
-            # a write zarr still had in flight may land after the cleanup; readers ignore
-            # it and the next writer removes it
-            TrajectoryStore.open(store, mode="r+").close()
-            assert not list(store.glob(".partial-*"))
-            continue
-        finally:
-            monkeypatch.setattr(zarr.storage.LocalStore, "set", original)
-        break
+    eio = OSError(errno.EIO, "Input/output error")
+    for n in _each_write_failing(monkeypatch, eio, lambda: CMD(3, n_samples=300).fit(store)):
+        kept = CMD.load(store)
+        assert kept.n_modes_ == 2 and np.array_equal(kept.labels_, labels), n
+        # a write zarr still had in flight may land after the cleanup; readers ignore
+        # it and the next writer removes it
+        TrajectoryStore.open(store, mode="r+").close()
+        assert not list(store.glob(".partial-*"))
     assert n > 5 and CMD.load(store).n_modes_ == 3

@@ -1,8 +1,6 @@
 """evaluate and sweep end to end: real processes, real stores, stored attributes."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,20 +13,12 @@ from typer.testing import CliRunner
 from cmdtool.cli import app
 from cmdtool.decompose import CMD
 from cmdtool.ingest import ingest
-from tests.conftest import SAMPLE, tree_digest
+from tests.conftest import SAMPLE, run_cli, tree_digest
 
 DIGITS = f"{SAMPLE / 'digits_cnn.py'}:evaluate"
 
 
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "cmdtool", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+cli = run_cli
 
 
 def _attrs(store: Path, name: str = "cmd") -> dict:
