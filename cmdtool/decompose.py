@@ -190,12 +190,9 @@ class CMD:
         sample_index = (
             None if pool is None else sample_from_pool(sizes, pool, self.n_samples, self.seed)
         )
-        if sample_index is not None:
-            assert pool is not None
-            samples = st.read_pool(rows)[:, np.searchsorted(pool, sample_index)].T
-        else:  # no usable pool: gather the samples from weights (a second read)
+        if sample_index is None:  # no usable pool: the samples come from weights
             sample_index = sample_indices(sizes, self.n_samples, self.seed)
-            samples = st.read_columns(rows, sample_index).T  # (K, T')
+        samples = st.read_columns(rows, sample_index).T  # (K, T'), from the pool if it can
         modes = find_modes(samples, n_modes=n_modes, threshold=self.threshold)
         ref_index = sample_index[modes.ref_rows]
         ref_traj = np.ascontiguousarray(samples[modes.ref_rows])  # (M, T')

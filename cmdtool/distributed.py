@@ -27,7 +27,7 @@ import gc
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +45,7 @@ from cmdtool.errors import (
     UsageError,
 )
 from cmdtool.kernels import References
-from cmdtool.store import TrajectoryStore
+from cmdtool.store import TrajectoryStore, remove_zarr_temporaries
 from cmdtool.streaming import PassTotals, fit_columns, write_block
 
 if TYPE_CHECKING:
@@ -59,7 +59,6 @@ LOCAL = "local"
 LOCAL_WORKERS = 2
 _INSTALL_HINT = 'the Dask backend needs dask.distributed: pip install "cmdtool[dask]"'
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
-_ZARR_TMP_RE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 #: Test hook: called as ``hook(start, stop)`` on the worker before each column block.
@@ -431,7 +430,8 @@ def dask_pass(
     finally:
         with contextlib.suppress(Exception):
             client.cancel([job_future], force=True)
-    _remove_zarr_temporaries(job.arrays.values())
+    for path in job.arrays.values():  # a worker that died mid-write; its retry rewrote the block
+        remove_zarr_temporaries(path)
     m = ref_traj.shape[0]
     totals = DaskPassTotals(np.zeros(m), np.zeros(m), np.zeros(m, dtype=np.int64))
     for start, _ in blocks:  # block order, piece by piece: the sums of local_pass
@@ -441,15 +441,6 @@ def dask_pass(
     kinds = {torch.device(r.device).type for r in results.values()}
     totals.device = kinds.pop() if len(kinds) == 1 else "auto"
     return totals
-
-
-def _remove_zarr_temporaries(paths: Iterable[str]) -> None:
-    """Drop the temporary files zarr leaves when a worker dies mid-write (the block was
-    rewritten by its retry)."""
-    for path in paths:
-        for tmp in Path(path).rglob("*.partial"):
-            if _ZARR_TMP_RE.search(tmp.name):
-                tmp.unlink(missing_ok=True)
 
 
 def dask_reconstruct(

@@ -42,10 +42,7 @@ def rebuild_state(model: CMD, label: int) -> dict[str, torch.Tensor]:
     """
     st = model.store_
     row = st.row_of(label)
-    order = np.argsort(model.ref_index_, kind="stable")
-    r_sorted = st.read_columns(np.array([row]), model.ref_index_[order])[0]
-    ref_now = np.empty(model.n_modes_, dtype=np.float64)
-    ref_now[order] = r_sorted  # back in mode order
+    ref_now = st.read_columns(np.array([row]), model.ref_index_)[0].astype(np.float64)
     group = st.open_result(model.name_)
     labels_arr, a_arr, b_arr = group["labels"], group["a"], group["b"]
     flat = np.empty(st.n_params, dtype=np.float32)

@@ -364,9 +364,7 @@ class TrajectoryStore:
     def _recover(self) -> None:
         """Undo what an interrupted writer left: uncommitted rows, temp files, results."""
         self._drop_uncommitted()
-        for tmp in self.path.rglob("*.partial"):
-            if _ZARR_TMP_RE.search(tmp.name) and tmp.is_file():
-                tmp.unlink(missing_ok=True)
+        remove_zarr_temporaries(self.path)
         for node in self.path.glob(_PARTIAL_PREFIX + "*"):
             if node.name.endswith(".old"):
                 final = self.path / node.name[len(_PARTIAL_PREFIX) : -len(".old")]
@@ -499,16 +497,23 @@ class TrajectoryStore:
         return np.asarray(self.weights.oindex[rows, start:stop])
 
     def read_columns(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Values at ``rows`` x ``cols`` (both int64 index arrays, cols sorted).
+        """Values at ``rows`` x ``cols`` (int64 index arrays; cols in any order, repeats
+        allowed), read from the sample pool when it holds every column, else from
+        ``weights`` one whole chunk-column at a time.
 
         Returns
         -------
         ndarray, float32, shape (len(rows), len(cols))
         """
-        out = np.empty((len(rows), len(cols)), dtype=np.float32)
-        cols = np.asarray(cols, dtype=np.int64)
         rows = np.asarray(rows, dtype=np.int64)
-        # one chunk-column at a time keeps each read to whole chunks
+        uniq, inverse = np.unique(np.asarray(cols, dtype=np.int64), return_inverse=True)
+        pool = self.pool_index if self.has_pool() else None
+        if pool is not None and np.isin(uniq, pool).all():
+            return self.read_pool(rows)[:, np.searchsorted(pool, uniq)][:, inverse]
+        return self._read_sorted_columns(rows, uniq)[:, inverse]
+
+    def _read_sorted_columns(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), len(cols)), dtype=np.float32)
         chunk_ids = cols // self.chunk
         bounds = np.flatnonzero(np.diff(chunk_ids)) + 1
         for sel in np.split(np.arange(len(cols)), bounds):
@@ -628,3 +633,11 @@ def remove_store(path: Path, *, keep_folder: bool) -> None:
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
+
+
+def remove_zarr_temporaries(root: str | os.PathLike[str]) -> None:
+    """Delete the ``<name>.<uuid hex>.partial`` files zarr writes before renaming a chunk
+    or ``zarr.json`` into place, left under ``root`` by a writer that died mid-write."""
+    for tmp in Path(root).rglob("*.partial"):
+        if _ZARR_TMP_RE.search(tmp.name) and tmp.is_file():
+            tmp.unlink(missing_ok=True)

@@ -92,17 +92,6 @@ def _gather(arr: zarr.Array, cols: np.ndarray) -> np.ndarray:
     return np.asarray(arr.oindex[uniq])[inv]  # type: ignore[index]
 
 
-def _columns(st: TrajectoryStore, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Values at ``rows`` x unsorted ``cols``: float64, (len(cols), len(rows))."""
-    pool = st.pool_index if st.has_pool() else None
-    uniq, inv = np.unique(cols, return_inverse=True)
-    if pool is not None and np.all(np.isin(uniq, pool)):
-        vals = st.read_pool(rows)[:, np.searchsorted(pool, uniq)]
-    else:
-        vals = st.read_columns(rows, uniq)
-    return np.asarray(vals, dtype=np.float64)[:, inv].T
-
-
 def _json_attr(group: zarr.Group, key: str) -> dict[str, Any] | None:
     value = group.attrs.asdict().get(key)
     return dict(value) if isinstance(value, dict) else None
@@ -142,8 +131,8 @@ def compute(st: TrajectoryStore, name: str = "cmd") -> ReportData:
     in_window = np.zeros(t, dtype=bool)
     in_window[window_rows[window_rows < t]] = True
 
-    ref_all = _columns(st, all_rows, ref_index)  # (M, T)
-    samples_all = _columns(st, all_rows, sample_index)  # (K, T)
+    ref_all = st.read_columns(all_rows, ref_index).T.astype(np.float64)  # (M, T)
+    samples_all = st.read_columns(all_rows, sample_index).T.astype(np.float64)  # (K, T)
     sample_modes = _gather(labels_arr, sample_index).astype(np.int64)
     sample_a = _gather(a_arr, sample_index).astype(np.float64)
     sample_b = _gather(b_arr, sample_index).astype(np.float64)
