@@ -215,27 +215,63 @@ def ingest(
         int,
         typer.Option("--readers", help="Checkpoints read ahead concurrently (0: none)."),
     ] = 2,
+    then_update: Annotated[
+        bool,
+        typer.Option(
+            "--update", help="Then fold the new epochs into decomposition --name (online CMD)."
+        ),
+    ] = False,
+    name: NameOpt = "cmd",
     as_json: JsonOpt = False,
 ) -> None:
     """Append the checkpoints of SOURCE that are not yet in STORE."""
     from cmdtool.ingest import ingest as run_ingest
+    from cmdtool.update import ingest_and_update
 
+    options: dict[str, Any] = {
+        "pattern": pattern,
+        "include": include,
+        "exclude": exclude,
+        "allow_nonfinite": allow_nonfinite,
+        "allow_globals": allow_global or (),
+        "readers": readers,
+    }
     with _errors(), _progress("ingest", not as_json) as bar:
-        summary = run_ingest(
-            source,
-            store,
-            pattern=pattern,
-            include=include,
-            exclude=exclude,
-            allow_nonfinite=allow_nonfinite,
-            allow_globals=allow_global or (),
-            readers=readers,
-            progress=bar,
-        )
+        if then_update:
+            summary, updated = ingest_and_update(source, store, name, progress=bar, **options)
+        else:
+            summary, updated = run_ingest(source, store, progress=bar, **options), None
+    if as_json:
+        _emit_json(vars(summary) if updated is None else {**vars(summary), "update": vars(updated)})
+        return
+    _print_ingest(summary)
+    if updated is not None:
+        _print_update(updated)
+
+
+def _print_update(s: Any) -> None:
+    if not s.added:
+        out.print(f"'{s.name}' is up to date: {s.n_epochs} epochs", highlight=False)
+        return
+    out.print(
+        f"folded epoch(s) {_labels_text(s.added)} into '{s.name}': {s.n_epochs} epochs, "
+        f"{s.n_modes} modes, relative error {s.relative_error:.4f}, "
+        f"{s.rows_read} row(s) read, {s.seconds:.2f} s",
+        highlight=False,
+    )
+
+
+@app.command()
+def update(store: StoreArg, name: NameOpt = "cmd", as_json: JsonOpt = False) -> None:
+    """Fold the epochs ingested after decomposition --name into it, reading only them."""
+    from cmdtool.update import update as run_update
+
+    with _errors(), _progress("update", not as_json) as bar:
+        summary = run_update(store, name, progress=(lambda d, t: bar(d, t)) if bar else None)
     if as_json:
         _emit_json(vars(summary))
     else:
-        _print_ingest(summary)
+        _print_update(summary)
 
 
 @app.command()

@@ -18,8 +18,9 @@ import numpy as np
 
 from cmdtool.clustering import find_modes
 from cmdtool.epochs import select_window
-from cmdtool.errors import CmdtoolError, StoreError, UsageError
+from cmdtool.errors import UsageError
 from cmdtool.kernels import resolve_device
+from cmdtool.running import relative_errors
 from cmdtool.sampling import sample_from_pool, sample_indices
 from cmdtool.store import RESULT_ATTR, TrajectoryStore, check_result_name
 from cmdtool.streaming import local_pass
@@ -29,9 +30,19 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int, int], None]
 MIN_EPOCHS = 3
+#: Per-parameter arrays of a results group: mode, coefficients, and the running sums
+#: that let ``cmdtool update`` fold new epochs in (:mod:`cmdtool.running`).
+RESULT_COLUMNS = (
+    ("labels", "int32"),
+    ("a", "float32"),
+    ("b", "float32"),
+    ("sum_w", "float64"),
+    ("sum_w2", "float64"),
+    ("sum_wr", "float64"),
+)
 
 
-def _as_store(store: TrajectoryStore | str | os.PathLike[str], mode: str) -> TrajectoryStore:
+def as_store(store: TrajectoryStore | str | os.PathLike[str], mode: str) -> TrajectoryStore:
     if isinstance(store, TrajectoryStore):
         return store
     return TrajectoryStore.open(store, mode=mode)
@@ -161,7 +172,7 @@ class CMD:
 
             check_store_path(store)
             check_device_request(self.device)
-        st = _as_store(store, "r+")
+        st = as_store(store, "r+")
         try:
             if self.cluster is None:
                 self._fit(st, name, progress)
@@ -198,8 +209,7 @@ class CMD:
         ref_traj = np.ascontiguousarray(samples[modes.ref_rows])  # (M, T')
         m = modes.n_modes
 
-        group = st.begin_result(name)
-        try:
+        with st.writing_result(name) as group:
             n = st.n_params
             chunk = st.chunk
             arrays = {
@@ -211,7 +221,7 @@ class CMD:
                     compressors=None,
                     fill_value=0,
                 )
-                for key, dt in (("labels", "int32"), ("a", "float32"), ("b", "float32"))
+                for key, dt in RESULT_COLUMNS
             }
             if client is None:
                 assert device is not None
@@ -227,9 +237,7 @@ class CMD:
             group.create_array("ref_traj", data=ref_traj.astype(np.float32))
             group.create_array("sample_index", data=sample_index.astype(np.int64))
             seconds = time.perf_counter() - t0
-            total_sq = float(sq.sum())
-            rel = float(np.sqrt(err2.sum() / total_sq)) if total_sq > 0 else 0.0
-            mode_err = np.sqrt(np.divide(err2, sq, out=np.zeros(m), where=sq > 0))
+            rel, mode_err = relative_errors(err2, sq)
             attrs: dict[str, Any] = {
                 "format_version": 1,
                 "method": "cmd",
@@ -251,22 +259,52 @@ class CMD:
             }
             group.attrs.put({RESULT_ATTR: attrs})
             st.publish_result(name)
-        except CmdtoolError:  # already says what failed (a ClusterError is an OSError too)
-            st.discard_result(name)
-            raise
-        except OSError as exc:
-            st.discard_result(name)
-            raise StoreError(f"cannot write store {st.path}: {exc.strerror or exc}") from exc
-        except BaseException:
-            st.discard_result(name)
-            raise
         self._set_learned(st, name, attrs, ref_index, ref_traj, sample_index)
+
+    def partial_fit(
+        self,
+        store: TrajectoryStore | str | os.PathLike[str],
+        *,
+        name: str = "cmd",
+        progress: Progress | None = None,
+    ) -> CMD:
+        """Fold the epochs ingested since the decomposition ``name`` into it (online CMD,
+        :func:`cmdtool.update.update`); the first call, when there is none yet, fits.
+
+        Modes, references and labels stay those of the first fit; ``a``, ``b`` and the
+        errors become those of the longer window. Reads only the new rows.
+
+        Returns
+        -------
+        self
+        """
+        from cmdtool.update import update
+
+        st = as_store(store, "r+")
+        try:
+            if name not in st.result_names():
+                self._fit(st, name, progress)
+            else:
+                update(st, name, progress=progress)
+                loaded = CMD.load(st, name)
+                self._set_learned(
+                    st,
+                    name,
+                    loaded.summary_,
+                    loaded.ref_index_,
+                    loaded.ref_traj_,
+                    loaded.sample_index_,
+                )
+        finally:
+            if st is not store:
+                st.close()
+        return self
 
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(cls, store: TrajectoryStore | str | os.PathLike[str], name: str = "cmd") -> CMD:
         """A fitted estimator from the decomposition ``name`` saved in ``store``."""
-        st = _as_store(store, "r")
+        st = as_store(store, "r")
         group = st.open_result(name)
         attrs: dict[str, Any] = dict(group.attrs[RESULT_ATTR])  # type: ignore[arg-type]
         est = cls(

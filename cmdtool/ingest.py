@@ -12,10 +12,11 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from cmdtool.checkpoints import (
     discover,
     open_checkpoint,
 )
-from cmdtool.errors import MismatchError, NonFiniteError, UsageError
+from cmdtool.errors import CmdtoolError, MismatchError, NonFiniteError, UsageError
 from cmdtool.sampling import sample_indices
 from cmdtool.store import (
     POOL_SIZE,
@@ -343,6 +344,7 @@ def ingest(
     allow_nonfinite: bool = False,
     allow_globals: Sequence[str] = (),
     readers: int = 2,
+    labels: Collection[int] | None = None,
     progress: Progress | None = None,
 ) -> IngestSummary:
     """Append the checkpoints of ``source`` that are not yet in the store.
@@ -367,15 +369,29 @@ def ingest(
         Checkpoints read (and hashed) ahead on background threads while the current one
         is written; 0 reads each one only when its turn comes. Rows are always written
         in epoch order.
+    labels : collection of int, optional
+        Ingest only the checkpoints with these epoch labels (``cmdtool watch`` passes the
+        ones whose files are complete); default all.
     progress : callable(done, total, label), optional
 
     Returns
     -------
     IngestSummary
+
+    Raises
+    ------
+    CmdtoolError
+        Bad input (a checkpoint that does not match the store, non-finite values, an
+        unreadable file): the epochs this call had already appended are rolled back, so
+        the store is exactly as it was. An interruption (Ctrl-C, a crash) keeps the
+        committed epochs; the next ingest resumes after them.
     """
     t0 = time.perf_counter()
     root = Path(source)
     entries = discover(root, pattern=pattern)
+    if labels is not None:
+        wanted = set(labels)
+        entries = [e for e in entries if e.label in wanted]
     path = Path(store_path)
     exists = (path / "zarr.json").exists()
     keep = _NameFilter(include, exclude)
@@ -383,9 +399,11 @@ def ingest(
     store: TrajectoryStore | None = None
     created_here = False
     existed_before = path.exists()
+    before: dict[str, Any] | None = None
     try:
         if exists:
             store = TrajectoryStore.open(path, mode="r+")
+            before = store.snapshot()
             keep = _stored_filter(store, include, exclude)
             summary.changed = _changed_since_commit(store, entries, root)
         have = set(store.labels) if store else set()
@@ -425,10 +443,13 @@ def ingest(
         assert store is not None  # discover() found at least one entry
         summary.n_params = store.n_params
         summary.n_epochs = store.n_epochs
-    except BaseException:
-        if created_here and store is not None and store.n_epochs == 0:
+    except BaseException as exc:
+        bad_input = isinstance(exc, CmdtoolError)
+        if created_here and store is not None and (bad_input or store.n_epochs == 0):
             store.close()
             remove_store(path, keep_folder=existed_before)
+        elif bad_input and store is not None and before is not None:
+            store.rollback(before)
         raise
     finally:
         if store is not None:

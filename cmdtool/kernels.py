@@ -36,6 +36,8 @@ class References:
     drift : Tensor, float64, shape (M,)   sums of the float32 centred rows (~0)
     flat : Tensor, bool, shape (M,)       constant references
     inv_norm : Tensor, float32, shape (M,)  1 / norm, 0 for constant references
+    first : Tensor, float64, shape (M,)   values at the window's first epoch (the shift
+        of the running sums, :mod:`cmdtool.running`)
     """
 
     lhs: torch.Tensor
@@ -44,6 +46,7 @@ class References:
     drift: torch.Tensor
     flat: torch.Tensor
     inv_norm: torch.Tensor
+    first: torch.Tensor
 
     @classmethod
     def from_trajectories(cls, ref_traj: np.ndarray, device: torch.device) -> References:
@@ -63,6 +66,7 @@ class References:
             drift=c64.sum(dim=1),
             flat=flat,
             inv_norm=inv.to(torch.float32),
+            first=r[:, 0].clone(),
         )
 
     @property
@@ -81,6 +85,9 @@ class BlockFit:
     err2 : ndarray, float64, shape (M,)   sum of squared residuals per mode
     sq : ndarray, float64, shape (M,)     sum of squared values per mode
     count : ndarray, int64, shape (M,)    parameters per mode
+    sum_w, sum_w2, sum_wr : ndarray, float64, shape (n,)
+        The running sums of :mod:`cmdtool.running` over the window: ``Σ x``, ``Σ x²``
+        and ``Σ x · (r - r(t0))`` with the column's own reference.
     """
 
     labels: np.ndarray
@@ -89,6 +96,9 @@ class BlockFit:
     err2: np.ndarray
     sq: np.ndarray
     count: np.ndarray
+    sum_w: np.ndarray
+    sum_w2: np.ndarray
+    sum_wr: np.ndarray
 
 
 def fit_block(x: torch.Tensor, refs: References) -> BlockFit:
@@ -135,6 +145,11 @@ def fit_block(x: torch.Tensor, refs: References) -> BlockFit:
     b = mean - a * refs.mean[labels]
     resid = torch.where(finite, torch.clamp(norm2 - a * d, min=0.0), 0.0)
     sq = torch.where(finite, norm2 + t * mean * mean, 0.0)
+    # running sums from the shifted statistics: x = y + shift, and
+    # Σ y (r - first) = <y, r_c> + (mean_r - first) S1
+    shift64 = shift.to(torch.float64)
+    gap = (refs.mean - refs.first)[labels]
+    sum_wr = prod.gather(0, labels[None, :])[0].to(torch.float64) + gap * s1 + shift64 * t * gap
     zeros = torch.zeros(m, dtype=torch.float64, device=x.device)
     return BlockFit(
         labels=labels.to(torch.int32).cpu().numpy(),
@@ -143,6 +158,9 @@ def fit_block(x: torch.Tensor, refs: References) -> BlockFit:
         err2=zeros.index_add(0, labels, resid).cpu().numpy(),
         sq=zeros.index_add(0, labels, sq).cpu().numpy(),
         count=torch.bincount(labels[finite], minlength=m).cpu().numpy().astype(np.int64),
+        sum_w=(t * shift64 + s1).cpu().numpy(),
+        sum_w2=(s2 + 2.0 * shift64 * s1 + t * shift64 * shift64).cpu().numpy(),
+        sum_wr=sum_wr.cpu().numpy(),
     )
 
 

@@ -12,12 +12,14 @@ ingest, ignored by every reader and dropped by the next writer.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -478,6 +480,22 @@ class TrajectoryStore:
         self._meta = meta
         self.epochs = [*self.epochs, epoch]
 
+    def snapshot(self) -> dict[str, Any]:
+        """The committed metadata as it is now, for :meth:`rollback`."""
+        return json.loads(json.dumps(self._meta))
+
+    def rollback(self, snapshot: dict[str, Any]) -> None:
+        """Forget the epochs committed since ``snapshot`` was taken: one atomic rewrite of
+        the metadata back to it, then their rows are dropped."""
+        self._require_writable()
+        try:
+            self._group.attrs.put({**self._group.attrs.asdict(), ATTR: snapshot})
+        except OSError as exc:
+            raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+        self._meta = snapshot
+        self.epochs = [EpochInfo.from_json(d) for d in snapshot["epochs"]]
+        self._drop_uncommitted()
+
     def abort_epoch(self) -> None:
         """Drop the uncommitted row, if any (after a failure mid-epoch)."""
         self._drop_uncommitted()
@@ -578,6 +596,24 @@ class TrajectoryStore:
         except OSError as exc:
             shutil.rmtree(self.path / partial, ignore_errors=True)
             raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+
+    @contextmanager
+    def writing_result(self, name: str) -> Iterator[zarr.Group]:
+        """``with st.writing_result(name) as group:`` a partial results group, discarded
+        when the block raises (an OSError becomes a StoreError); the block ends with
+        :meth:`publish_result`."""
+        group = self.begin_result(name)
+        try:
+            yield group
+        except CmdtoolError:  # already says what failed (a ClusterError is an OSError too)
+            self.discard_result(name)
+            raise
+        except OSError as exc:
+            self.discard_result(name)
+            raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+        except BaseException:
+            self.discard_result(name)
+            raise
 
     def publish_result(self, name: str) -> None:
         """Replace the results group ``name`` by its completed partial group."""

@@ -47,9 +47,10 @@ def fit_columns(block: np.ndarray, refs: References, device: torch.device) -> li
 
 
 def write_block(arrays: dict[str, zarr.Array], start: int, parts: list[BlockFit]) -> None:
-    """Store the labels, a and b of consecutive pieces starting at column ``start``."""
+    """Store the per-column results (``labels``, ``a``, ``b`` and the running sums: the
+    keys of ``arrays``) of consecutive pieces starting at column ``start``."""
     stop = start + sum(len(p.labels) for p in parts)
-    for key in ("labels", "a", "b"):
+    for key in arrays:
         arrays[key][start:stop] = np.concatenate([getattr(p, key) for p in parts])
 
 

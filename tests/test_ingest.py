@@ -234,3 +234,22 @@ def test_read_ahead_writes_the_same_store(tmp_path, traj, readers):
 
     for epoch in TrajectoryStore.open(tmp_path / "s.zarr").epochs:
         assert epoch.sha256 == hashlib.sha256((run / epoch.source).read_bytes()).hexdigest()
+
+
+def test_bad_epoch_rolls_back_the_whole_call(tmp_path, traj):
+    # guards: ingest's rollback of the epochs a failing call had appended
+    sds = state_dicts(traj)
+    write_run(tmp_path / "run", sds[:3])
+    store = tmp_path / "s.zarr"
+    ingest(tmp_path / "run", store)
+    before = tree_digest(store)
+    bad = dict(sds[-1])
+    bad["conv.bias"] = torch.full_like(bad["conv.bias"], float("nan"))
+    write_run(tmp_path / "run", [*sds[3:5], bad], labels=[4, 5, 6])
+    with pytest.raises(NonFiniteError, match=r"epoch_6\.safetensors"):
+        ingest(tmp_path / "run", store)
+    assert tree_digest(store) == before
+    # a store created by the failing call is removed again
+    with pytest.raises(NonFiniteError):
+        ingest(tmp_path / "run", tmp_path / "new.zarr")
+    assert not (tmp_path / "new.zarr").exists()
