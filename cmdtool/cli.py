@@ -278,7 +278,7 @@ def update(store: StoreArg, name: NameOpt = "cmd", as_json: JsonOpt = False) -> 
 def decompose(
     store: StoreArg,
     modes: Annotated[
-        int | None, typer.Option("--modes", help="Number of modes [default: 10].")
+        int | None, typer.Option("--modes", help="Number of modes (default 10).")
     ] = None,
     threshold: Annotated[
         float | None, typer.Option("--threshold", help="Cut at t x max distance (0 < t <= 1).")
@@ -394,7 +394,7 @@ def report(
     store: StoreArg,
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", metavar="DIR", help="Report folder [default: STORE/../report]."),
+        typer.Option("--out", metavar="DIR", help="Report folder (default STORE/../report)."),
     ] = None,
     name: NameOpt = "cmd",
     force: Annotated[
@@ -535,14 +535,14 @@ def sweep(
     ] = "1,2,5,10,20",
     eval_target: EvalOpt = None,
     samples: Annotated[
-        int | None, typer.Option("--samples", help="K [default: the decomposition's].")
+        int | None, typer.Option("--samples", help="K (default: the decomposition's).")
     ] = None,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="Sampling seed [default: the decomposition's].")
+        int | None, typer.Option("--seed", help="Sampling seed (default: the decomposition's).")
     ] = None,
     epochs: Annotated[
         str | None,
-        typer.Option("--epochs", help="Window A:B (half-open) [default: the decomposition's]."),
+        typer.Option("--epochs", help="Window A:B (half-open; default: the decomposition's)."),
     ] = None,
     name: NameOpt = "cmd",
     as_json: JsonOpt = False,
@@ -582,6 +582,100 @@ def sweep(
     out.print(table)
     for k, v in result.raw_metrics.items():
         out.print(f"raw {k} at epoch {result.epoch}: {_fmt(v)}", highlight=False)
+
+
+def _emit_json_line(data: dict[str, Any]) -> None:
+    """One JSON object on one line of stdout, flushed (JSON Lines, for live output)."""
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _print_watch_event(event: Any, warmup: int) -> None:
+    head = f"[bold]epoch {event.label}[/]"
+    if event.phase == "warmup":
+        out.print(f"{head}  warm-up {event.n_epochs}/{warmup}", highlight=False)
+        return
+    what = "decomposed: " if event.phase == "decomposed" else ""
+    out.print(
+        f"{head}  {what}modes {event.n_modes}  rel.err {_fmt(event.relative_error)}  "
+        f"{event.seconds:.2f} s",
+        highlight=False,
+    )
+
+
+@app.command()
+def watch(
+    source: SourceArg,
+    store: StoreArg,
+    warmup: Annotated[
+        int, typer.Option("--warmup", metavar="F", help="Epochs the decomposition is fitted over.")
+    ] = 10,
+    interval: Annotated[
+        float, typer.Option("--interval", metavar="S", help="Seconds between looks at SOURCE.")
+    ] = 2.0,
+    until_idle: Annotated[
+        float | None,
+        typer.Option(
+            "--until-idle",
+            metavar="S",
+            help="Stop after S seconds without a new epoch; without it, run until Ctrl-C.",
+        ),
+    ] = None,
+    name: NameOpt = "cmd",
+    modes: Annotated[int, typer.Option("--modes", help="Number of modes.")] = 10,
+    samples: Annotated[int, typer.Option("--samples", help="K, sampled parameters.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    pattern: Annotated[
+        str | None, typer.Option("--pattern", help="Glob picking checkpoint files or folders.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line: each epoch, then a summary.")
+    ] = False,
+) -> None:
+    """Follow SOURCE while training writes to it: ingest each complete checkpoint, decompose
+    after the warm-up, then fold in every new epoch."""
+    from cmdtool.watch import watch as run_watch
+
+    def on_epoch(event: Any) -> None:
+        if as_json:
+            _emit_json_line({"type": "epoch", **vars(event)})
+        else:
+            _print_watch_event(event, warmup)
+
+    def on_notice(message: str) -> None:
+        err.print(message, highlight=False, soft_wrap=True)
+
+    with _errors():
+        summary = run_watch(
+            source,
+            store,
+            warmup=warmup,
+            interval=interval,
+            until_idle=until_idle,
+            name=name,
+            n_modes=modes,
+            n_samples=samples,
+            seed=seed,
+            device=device,
+            pattern=pattern,
+            on_epoch=on_epoch,
+            on_notice=on_notice,
+        )
+    if as_json:
+        _emit_json_line({"type": "summary", **vars(summary)})
+        return
+    model = (
+        f"decomposition '{summary.name}': {summary.n_modes} modes, "
+        f"rel.err {_fmt(summary.relative_error)}"
+        if summary.decomposed
+        else "no decomposition yet"
+    )
+    out.print(
+        f"watched {source}: +{len(summary.added)} epoch(s) ({_labels_text(summary.added)}), "
+        f"{summary.n_epochs} in all; {model}; {summary.seconds:.1f} s",
+        highlight=False,
+    )
 
 
 def main() -> None:

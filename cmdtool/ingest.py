@@ -28,7 +28,13 @@ from cmdtool.checkpoints import (
     discover,
     open_checkpoint,
 )
-from cmdtool.errors import CmdtoolError, MismatchError, NonFiniteError, UsageError
+from cmdtool.errors import (
+    CmdtoolError,
+    MismatchError,
+    NonFiniteError,
+    SourceNotFoundError,
+    UsageError,
+)
 from cmdtool.sampling import sample_indices
 from cmdtool.store import (
     POOL_SIZE,
@@ -440,7 +446,10 @@ def ingest(
             summary.bytes_written += store.n_params * 4 + store.extras_nbytes
             if progress is not None:
                 progress(done + 1, len(todo), entry.relpath(root))
-        assert store is not None  # discover() found at least one entry
+        if store is None:  # only when ``labels`` picked none of the entries
+            raise SourceNotFoundError(
+                f"{root}: no checkpoint with epoch label(s) {sorted(set(labels or ()))}"
+            )
         summary.n_params = store.n_params
         summary.n_epochs = store.n_epochs
     except BaseException as exc:
