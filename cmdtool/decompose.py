@@ -22,7 +22,7 @@ from cmdtool.errors import UsageError
 from cmdtool.kernels import resolve_device
 from cmdtool.running import relative_errors
 from cmdtool.sampling import sample_from_pool, sample_indices
-from cmdtool.store import RESULT_ATTR, TrajectoryStore, check_result_name
+from cmdtool.store import RESULT_ATTR, TrajectoryStore, as_store, check_result_name
 from cmdtool.streaming import local_pass
 
 if TYPE_CHECKING:
@@ -40,12 +40,6 @@ RESULT_COLUMNS = (
     ("sum_w2", "float64"),
     ("sum_wr", "float64"),
 )
-
-
-def as_store(store: TrajectoryStore | str | os.PathLike[str], mode: str) -> TrajectoryStore:
-    if isinstance(store, TrajectoryStore):
-        return store
-    return TrajectoryStore.open(store, mode=mode)
 
 
 class CMD:

@@ -30,7 +30,7 @@ from cmdtool.decompose import CMD
 from cmdtool.epochs import select_epochs, select_window
 from cmdtool.errors import CmdtoolError, EvaluationError, UsageError
 from cmdtool.reconstruct import raw_state, rebuild_state
-from cmdtool.store import RESULT_ATTR, TrajectoryStore, check_result_name
+from cmdtool.store import RESULT_ATTR, TrajectoryStore, as_store, check_result_name
 
 EVAL_ATTR = "cmdtool_evaluation"
 SWEEP_ATTR = "cmdtool_sweep"
@@ -269,10 +269,6 @@ def _resolve(fn: EvalFn | str) -> tuple[EvalFn, str]:
     return fn, _describe(fn)
 
 
-def _as_store(store: TrajectoryStore | str | os.PathLike[str]) -> TrajectoryStore:
-    return store if isinstance(store, TrajectoryStore) else TrajectoryStore.open(store)
-
-
 # ------------------------------------------------------------------- evaluate
 def evaluate(
     store: TrajectoryStore | str | os.PathLike[str],
@@ -311,7 +307,7 @@ def evaluate(
         of metric name to number; nothing is stored then.
     """
     func, what = _resolve(fn)
-    st = _as_store(store)
+    st = as_store(store)
     model = CMD.load(st, name)
     rows = select_epochs(st.labels, epochs)
     labels = [st.labels[int(r)] for r in rows]

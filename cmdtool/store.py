@@ -651,6 +651,14 @@ class TrajectoryStore:
         shutil.rmtree(self.path / (_PARTIAL_PREFIX + name), ignore_errors=True)
 
 
+def as_store(store: TrajectoryStore | str | os.PathLike[str], mode: str = "r") -> TrajectoryStore:
+    """``store`` itself when already open, else :meth:`TrajectoryStore.open` in ``mode``
+    (the caller closes what it opened: ``if st is not store: st.close()``)."""
+    if isinstance(store, TrajectoryStore):
+        return store
+    return TrajectoryStore.open(store, mode=mode)
+
+
 def _label_summary(labels: Sequence[int]) -> str:
     if not labels:
         return "no epochs"

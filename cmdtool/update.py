@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import zarr
 
-from cmdtool.decompose import RESULT_COLUMNS, as_store
+from cmdtool.decompose import RESULT_COLUMNS
 from cmdtool.errors import MismatchError, UsageError
 from cmdtool.running import ParamSums, ReferenceSums, coefficients, mode_totals, relative_errors
-from cmdtool.store import RESULT_ATTR, TrajectoryStore, check_result_name
+from cmdtool.store import RESULT_ATTR, TrajectoryStore, as_store, check_result_name
 
 if TYPE_CHECKING:
     from cmdtool.ingest import IngestSummary

@@ -47,6 +47,54 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out + NOISE * torch.randn(out.shape, generator=gen)
 
 
+def load_split(
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
+    """Digits split and normalised as in training: x_tr, y_tr, x_te, y_te, mean, std."""
+    digits = load_digits()
+    x = digits.images.astype(np.float32) / 16.0
+    y = digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=HELDOUT_FRACTION, stratify=y, random_state=seed
+    )
+    mean, std = float(x_tr.mean()), float(x_tr.std())
+    return (
+        torch.from_numpy((x_tr - mean) / std)[:, None].contiguous(),
+        torch.from_numpy(y_tr),
+        torch.from_numpy((x_te - mean) / std)[:, None].contiguous(),
+        torch.from_numpy(y_te),
+        mean,
+        std,
+    )
+
+
+def train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    x_tr: torch.Tensor,
+    y_tr: torch.Tensor,
+    gen: torch.Generator,
+    batch_size: int,
+) -> float:
+    """One epoch of augmented mini-batch training; returns the summed loss."""
+    model.train()
+    n = len(x_tr)
+    perm = torch.randperm(n, generator=gen)
+    total = 0.0
+    for i in range(0, n, batch_size):
+        idx = perm[i : i + batch_size]
+        if len(idx) < 2:  # BatchNorm needs more than one sample
+            continue
+        xb = augment(x_tr[idx], gen)
+        loss = loss_fn(model(xb), y_tr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -66,16 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)  # bit-identical results whatever the machine's core count
 
-    digits = load_digits()
-    x = digits.images.astype(np.float32) / 16.0
-    y = digits.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=HELDOUT_FRACTION, stratify=y, random_state=args.seed
-    )
-    mean, std = float(x_tr.mean()), float(x_tr.std())
-    x_tr = torch.from_numpy((x_tr - mean) / std)[:, None].contiguous()
-    x_te = torch.from_numpy((x_te - mean) / std)[:, None].contiguous()
-    y_tr, y_te = torch.from_numpy(y_tr), torch.from_numpy(y_te)
+    x_tr, y_tr, x_te, y_te, mean, std = load_split(args.seed)
 
     out: Path = args.out
     run_dir = out / "run"
@@ -98,19 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(x_tr)
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        for i in range(0, n, args.batch_size):
-            idx = perm[i : i + args.batch_size]
-            if len(idx) < 2:  # BatchNorm needs more than one sample
-                continue
-            xb = augment(x_tr[idx], gen)
-            loss = loss_fn(model(xb), y_tr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
+        total = train_epoch(model, opt, loss_fn, x_tr, y_tr, gen, args.batch_size)
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(run_dir / f"epoch_{epoch:03d}.safetensors"))
         acc = accuracy(state, heldout=heldout)
