@@ -30,7 +30,13 @@ from cmdtool.decompose import CMD
 from cmdtool.epochs import select_epochs, select_window
 from cmdtool.errors import CmdtoolError, EvaluationError, UsageError
 from cmdtool.reconstruct import raw_state, rebuild_state
-from cmdtool.store import RESULT_ATTR, TrajectoryStore, as_store, check_result_name
+from cmdtool.store import (
+    RESULT_ATTR,
+    TrajectoryStore,
+    as_store,
+    check_result_name,
+    scratch_result_name,
+)
 
 EVAL_ATTR = "cmdtool_evaluation"
 SWEEP_ATTR = "cmdtool_sweep"
@@ -454,7 +460,7 @@ def sweep(
         errors: list[float] = []
         metrics: dict[str, list[float]] = {key: [] for key in raw_metrics}
         for i, m in enumerate(modes):
-            tmp = f"sweeptmp{m}-{uuid.uuid4().hex[:8]}"
+            tmp = scratch_result_name()
             try:
                 model = CMD(m, n_samples=k, epochs=window_arg, seed=s, device=device).fit(
                     st, name=tmp

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ POOL_SIZE = 16_384
 ATTR = "cmdtool"
 RESULT_ATTR = "cmdtool_result"
 _PARTIAL_PREFIX = ".partial-"
+_SCRATCH_PREFIX = ".scratch-"
 _ZARR_TMP_RE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -117,8 +119,17 @@ class EpochInfo:
         )
 
 
+def scratch_result_name() -> str:
+    """A name for a decomposition that is only needed while its writer runs (``sweep``'s
+    fits): hidden from :meth:`TrajectoryStore.result_names`, and removed by the next
+    writer if its own was killed before deleting it."""
+    return _SCRATCH_PREFIX + uuid.uuid4().hex[:12]
+
+
 def check_result_name(name: str) -> str:
     """Validate a results-group name (``--name``)."""
+    if name.startswith(_SCRATCH_PREFIX) and _NAME_RE.match(name[len(_SCRATCH_PREFIX) :]):
+        return name
     if not _NAME_RE.match(name) or name in (WEIGHTS, EXTRAS):
         raise UsageError(
             f"--name {name!r} is not usable: use letters, digits, '_', '.', '-', "
@@ -374,6 +385,8 @@ class TrajectoryStore:
                     os.replace(node, final)  # killed between the two renames of publish
                     continue
             shutil.rmtree(node, ignore_errors=True)
+        for node in self.path.glob(_SCRATCH_PREFIX + "*"):
+            shutil.rmtree(node, ignore_errors=True)  # a killed writer's scratch fits
 
     def _drop_uncommitted(self) -> None:
         t = self.n_epochs
@@ -564,7 +577,7 @@ class TrajectoryStore:
             warnings.filterwarnings("ignore", message=".*not recognized as a component")
             groups = list(self._group.groups())
         for name, node in groups:
-            if name.startswith(_PARTIAL_PREFIX):
+            if name.startswith((_PARTIAL_PREFIX, _SCRATCH_PREFIX)):
                 continue
             if RESULT_ATTR in node.attrs:
                 names.append(name)
@@ -573,6 +586,8 @@ class TrajectoryStore:
     def open_result(self, name: str) -> zarr.Group:
         from cmdtool.errors import DecompositionNotFoundError
 
+        if name.startswith(_SCRATCH_PREFIX) and (self.path / name / "zarr.json").is_file():
+            return self._group[name]  # type: ignore[return-value]
         if name not in self.result_names():
             old = _PARTIAL_PREFIX + name + ".old"
             if (self.path / old / "zarr.json").is_file():

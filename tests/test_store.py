@@ -70,3 +70,27 @@ def test_newer_format_and_foreign_folders_are_refused(planted_run, tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(StoreError, match="not a cmdtool store"):
         TrajectoryStore.open(tmp_path / "plain")
+
+
+def test_scratch_fits_are_hidden_and_removed_by_the_next_writer(planted_run, tmp_path):
+    # guards: store.scratch_result_name / _recover (a killed `sweep` leaves its fits)
+    from cmdtool.decompose import CMD
+    from cmdtool.store import scratch_result_name
+
+    folder, _, _ = planted_run
+    store = tmp_path / "s.zarr"
+    ingest(folder, store)
+    CMD(3, n_samples=100).fit(store)
+    scratch = scratch_result_name()
+    with TrajectoryStore.open(store, mode="r+") as st:
+        fitted = CMD(2, n_samples=100).fit(st, name=scratch)  # its writer "dies" here
+        n = fitted.a_.shape[0]
+        assert st.open_result(scratch)["a"].shape == (n,)
+    assert (store / scratch / "zarr.json").is_file()
+    with TrajectoryStore.open(store) as st:  # readers do not see it, nor remove it
+        assert st.result_names() == ["cmd"]
+    assert (store / scratch).exists()
+    with TrajectoryStore.open(store, mode="r+") as st:
+        assert st.result_names() == ["cmd"]
+    assert not (store / scratch).exists()
+    assert zarr.open_group(store / "cmd", mode="r")["a"].shape == (n,)
