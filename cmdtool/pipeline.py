@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmdtool.decompose import CMD
-from cmdtool.ingest import IngestSummary, ingest
-from cmdtool.reconstruct import ReconstructSummary, reconstruct
+from cmdtool.decomposition import CMD
+from cmdtool.ingestion import IngestSummary, ingest
+from cmdtool.reconstruction import ReconstructSummary, reconstruct
 from cmdtool.report import REPORT_DIR, ReportSummary, write_report
 
 STORE_NAME = "store.zarr"

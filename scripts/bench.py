@@ -12,7 +12,7 @@ peak RSS is per command:
 - ``cmdtool decompose --device cpu`` (and ``--device cuda`` when there is a GPU): wall time,
   its in-process ``seconds``, the ratio to the plain read, peak RSS;
 - ``cmdtool reconstruct --epochs last``: wall time, peak RSS;
-- on CUDA, the streamed steps 5-6 alone (``cmdtool.streaming.fit_columns`` over blocks held
+- on CUDA, the streamed steps 5-6 alone (``cmdtool.backends.fit_columns`` over blocks held
   in pinned host memory), in GB/s.
 
 At the smallest size it also counts the chunk reads of one decompose (``weights`` must be
@@ -71,7 +71,10 @@ TENSOR_SHARES = (0.55, 0.25, 0.15)  # and the rest: four tensors of uneven sizes
 GEN_CHUNK = 1 << 20
 CUDA_REPEATS = 3
 GNU_TIME = "/usr/bin/time"
-BASELINE = "import torch, zarr, cmdtool.cli, cmdtool.ingest, cmdtool.decompose, cmdtool.reconstruct"
+BASELINE = (
+    "import torch, zarr, cmdtool.cli, cmdtool.ingestion, cmdtool.decomposition, "
+    "cmdtool.reconstruction"
+)
 
 
 # ---------------------------------------------------------------------------- sizes
@@ -282,7 +285,7 @@ def child_count(store: str) -> dict[str, Any]:
     """One decompose (cpu) with every chunk read of the store counted by key."""
     import zarr.storage
 
-    from cmdtool.decompose import CMD
+    from cmdtool.decomposition import CMD
     from cmdtool.store import TrajectoryStore
 
     counts: Counter[str] = Counter()
@@ -329,9 +332,9 @@ def child_pass(store: str, device_name: str) -> dict[str, Any]:
     import psutil
     import torch
 
-    from cmdtool.kernels import References
+    from cmdtool.backends import fit_columns
+    from cmdtool.method.kernels import References
     from cmdtool.store import TrajectoryStore
-    from cmdtool.streaming import fit_columns
 
     device = torch.device(device_name)
     on_cuda = device.type == "cuda"

@@ -38,10 +38,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 from digits_cnn import build_model  # noqa: E402
 from make_sample_checkpoints import load_split, train_epoch  # noqa: E402
 
-from cmdtool.decompose import CMD  # noqa: E402
+from cmdtool.decomposition import CMD  # noqa: E402
+from cmdtool.decomposition.update import update  # noqa: E402
 from cmdtool.online import OnlineCMD  # noqa: E402
 from cmdtool.store import EpochInfo, ParamInfo, TrajectoryStore  # noqa: E402
-from cmdtool.update import update  # noqa: E402
 
 BEGIN = "<!-- bench_online.py begin -->"
 END = "<!-- bench_online.py end -->"

@@ -40,10 +40,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 from digits_cnn import accuracy, build_model  # noqa: E402
 from make_sample_checkpoints import load_split, train_epoch  # noqa: E402
 
-from cmdtool.decompose import CMD  # noqa: E402
-from cmdtool.ingest import ingest  # noqa: E402
+from cmdtool.decomposition import CMD  # noqa: E402
+from cmdtool.ingestion import ingest  # noqa: E402
 from cmdtool.online import EmbeddedCMD, OnlineCMD  # noqa: E402
-from cmdtool.reconstruct import rebuild_state  # noqa: E402
+from cmdtool.reconstruction import rebuild_state  # noqa: E402
 
 COLUMNS = ["SGD", "post-hoc CMD", "online F=10", "online F=20", "embedded", "frozen"]
 

@@ -1,4 +1,4 @@
-"""A stand-in for a training job that writes checkpoints slowly (run by tests/test_watch.py).
+"""A stand-in for a training job that writes checkpoints slowly (run by tests/test_online_watch.py).
 
     python tests/slow_writer.py STAGING DEST NAME... [--pause S] [--split NAME]
         [--split-pause S] [--stop-at NAME]

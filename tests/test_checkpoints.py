@@ -568,7 +568,7 @@ def no_safe_open(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("safe_open was handed a file that failed validation")
 
-    monkeypatch.setattr("cmdtool.checkpoints.safe_open", refuse)
+    monkeypatch.setattr("cmdtool.checkpoints.safetensors.safe_open", refuse)
 
 
 def open_single(path: Path, **kwargs: object) -> Checkpoint:

@@ -15,11 +15,11 @@ import zarr
 import zarr.storage
 from safetensors.torch import load_file
 
-from cmdtool.decompose import CMD
+from cmdtool.decomposition import CMD
 from cmdtool.errors import StoreError
-from cmdtool.ingest import ingest
-from cmdtool.lock import LOCK_NAME
+from cmdtool.ingestion import ingest
 from cmdtool.store import TrajectoryStore
+from cmdtool.store.lock import LOCK_NAME
 from tests.conftest import REPO, n_modeled, planted, state_dicts, tree_digest, write_run
 
 RUNNER = REPO / "tests" / "fault_runner.py"
@@ -201,7 +201,7 @@ def test_killed_reconstruct_leaves_no_truncated_file(source, tmp_path):
     code = (
         "import os, signal, sys\n"
         "import safetensors.torch as st\n"
-        "import cmdtool.reconstruct as rc\n"
+        "import cmdtool.reconstruction.write as rc\n"
         "def dying(tensors, path, *a, **k):\n"
         "    with open(path, 'wb') as f:\n"
         "        f.write(b'half a file')\n"
@@ -212,7 +212,7 @@ def test_killed_reconstruct_leaves_no_truncated_file(source, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO, timeout=120)
     assert r.returncode == -9
     assert not list(out.glob("epoch_*"))
-    from cmdtool.reconstruct import reconstruct
+    from cmdtool.reconstruction import reconstruct
 
     reconstruct(store, out, epochs="all")
     assert sorted(p.name for p in out.glob("epoch_*")) == [

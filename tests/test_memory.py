@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from cmdtool.sampling import sample_indices
+from cmdtool.method.sampling import sample_indices
 from cmdtool.store import EpochInfo, ParamInfo, TrajectoryStore
 from tests.conftest import REPO
 
@@ -19,8 +19,8 @@ HEADROOM_MB = 400  # what the child may allocate beyond its warmed-up size
 CHILD = """
 import json, resource, sys
 from pathlib import Path
-from cmdtool.decompose import CMD
-from cmdtool.reconstruct import reconstruct
+from cmdtool.decomposition import CMD
+from cmdtool.reconstruction import reconstruct
 
 big, small, out = sys.argv[1], sys.argv[2], sys.argv[3]
 CMD(2, n_samples=100).fit(small)  # warm up: imports, torch threads, zarr's event loop

@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from cmdtool.decompose import CMD
+from cmdtool.decomposition import CMD
 from cmdtool.errors import MismatchError, UsageError
+from cmdtool.method.sampling import sample_indices
 from cmdtool.online import EmbeddedCMD, OnlineCMD, WarmupError
-from cmdtool.sampling import sample_indices
 from cmdtool.store import POOL_SIZE, EpochInfo, ParamInfo, TrajectoryStore
 from tests.cmd_reference import _affine
 

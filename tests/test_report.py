@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import zarr
 
-from cmdtool.decompose import CMD
-from cmdtool.ingest import ingest
+from cmdtool.decomposition import CMD
+from cmdtool.ingestion import ingest
 from cmdtool.pipeline import run_all
 from cmdtool.report import SCHEMA, validate, write_report
 from tests.conftest import REPO, n_modeled, planted, state_dicts, write_run

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from cmdtool.decompose import CMD
-from cmdtool.ingest import ingest
-from cmdtool.reconstruct import rebuild_state
+from cmdtool.decomposition import CMD
+from cmdtool.ingestion import ingest
+from cmdtool.reconstruction import rebuild_state
 from tests.conftest import SAMPLE
 
 

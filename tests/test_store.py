@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from cmdtool.errors import StoreError, StoreNotFoundError
-from cmdtool.ingest import ingest
+from cmdtool.ingestion import ingest
 from cmdtool.store import TrajectoryStore
 from tests.conftest import LAYOUT, to_store_order, tree_digest
 
@@ -74,7 +74,7 @@ def test_newer_format_and_foreign_folders_are_refused(planted_run, tmp_path):
 
 def test_scratch_fits_are_hidden_and_removed_by_the_next_writer(planted_run, tmp_path):
     # guards: store.scratch_result_name / _recover (a killed `sweep` leaves its fits)
-    from cmdtool.decompose import CMD
+    from cmdtool.decomposition import CMD
     from cmdtool.store import scratch_result_name
 
     folder, _, _ = planted_run

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cmdtool.clustering import abs_corr
+from cmdtool.method.clustering import abs_corr
 from cmdtool.store import RESULT_ATTR, TrajectoryStore
 
 EVALUATION_ATTR = "cmdtool_evaluation"

@@ -1,0 +1,467 @@
+"""Stream a folder of checkpoints into a trajectory store, one epoch at a time.
+
+Each checkpoint is opened lazily; its floating tensors are converted to float32 and
+written chunk by chunk into one new row of ``weights`` (a chunk-sized buffer, never a
+whole row), its other tensors into the same row of ``extras``, then the epoch is
+committed. A failure mid-epoch drops the uncommitted row, so the store is left as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cmdtool.checkpoints import (
+    Checkpoint,
+    CheckpointEntry,
+    canonical_name,
+    discover,
+    dtype_name,
+    open_checkpoint,
+)
+from cmdtool.errors import (
+    CmdtoolError,
+    MismatchError,
+    NonFiniteError,
+    SourceNotFoundError,
+    UsageError,
+)
+from cmdtool.method.sampling import sample_indices
+from cmdtool.store import (
+    POOL_SIZE,
+    EpochInfo,
+    ExtraInfo,
+    ParamInfo,
+    TrajectoryStore,
+    remove_store,
+)
+
+Progress = Callable[[int, int, str], None]
+#: Chunks written per zarr call (zarr writes them concurrently): a 16 MiB buffer.
+WRITE_CHUNKS = 16
+
+
+@dataclass
+class IngestSummary:
+    """What an ingest did."""
+
+    store: str
+    created: bool
+    added: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    n_params: int = 0
+    n_epochs: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    state_keys: dict[str, int] = field(default_factory=dict)
+    changed: list[dict[str, object]] = field(default_factory=list)
+
+
+class _NameFilter:
+    def __init__(self, include: str | None, exclude: str | None) -> None:
+        try:
+            self.include = re.compile(include) if include else None
+            self.exclude = re.compile(exclude) if exclude else None
+        except re.error as exc:
+            raise UsageError(f"--include/--exclude: invalid regular expression: {exc}") from None
+
+    def __call__(self, name: str) -> bool:
+        if self.include is not None and not self.include.search(name):
+            return False
+        return not (self.exclude is not None and self.exclude.search(name))
+
+
+def _layout_from(ckpt: Checkpoint, keep: _NameFilter) -> tuple[list[ParamInfo], list[ExtraInfo]]:
+    params: list[ParamInfo] = []
+    extras: list[ExtraInfo] = []
+    col = 0
+    byte = 0
+    for name in ckpt:
+        if not keep(name):
+            continue
+        shape, dtype = ckpt.spec(name)
+        if dtype.is_floating_point:
+            p = ParamInfo(name, tuple(shape), dtype_name(dtype), col)
+            params.append(p)
+            col += p.size
+        else:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            extras.append(ExtraInfo(name, tuple(shape), dtype_name(dtype), byte, nbytes))
+            byte += nbytes
+    return params, extras
+
+
+def _match_names(
+    store: TrajectoryStore,
+    ckpt: Checkpoint,
+    keep: _NameFilter,
+    entry: CheckpointEntry,
+    root: Path,
+) -> dict[str, str]:
+    """Map every store name to its name in ``ckpt``; a clear MismatchError otherwise.
+
+    Names are matched exactly; where a prefix such as ``module.`` or ``_orig_mod.``
+    came or went between epochs, they are matched on :func:`canonical_name`.
+    """
+    wanted = [p.name for p in store.params] + [e.name for e in store.extras]
+    present = [n for n in ckpt if keep(n)]
+    where = entry.relpath(root)
+    if set(wanted) == set(present):
+        return {n: n for n in wanted}
+    by_canon: dict[str, str] = {}
+    for n in present:
+        c = canonical_name(n)
+        if c in by_canon:
+            raise MismatchError(
+                f"{where}: tensors {by_canon[c]!r} and {n!r} differ only by a prefix; "
+                "cannot match them to the store"
+            )
+        by_canon[c] = n
+    mapping: dict[str, str] = {}
+    missing = []
+    for n in wanted:
+        src = n if n in present else by_canon.get(canonical_name(n))
+        if src is None:
+            missing.append(n)
+        else:
+            mapping[n] = src
+    extra = sorted(set(present) - set(mapping.values()))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {_names(missing)}")
+        if extra:
+            parts.append(f"not in the store {_names(extra)}")
+        raise MismatchError(
+            f"{where}: tensors differ from the store's ({'; '.join(parts)}); "
+            "ingest it into a new store, or filter with --include/--exclude"
+        )
+    return mapping
+
+
+def _names(names: list[str], most: int = 5) -> str:
+    s = sorted(names)
+    shown = ", ".join(repr(n) for n in s[:most])
+    return shown + (f" and {len(s) - most} more" if len(s) > most else "")
+
+
+def _row_blocks(
+    store: TrajectoryStore,
+    ckpt: Checkpoint,
+    mapping: dict[str, str],
+    label: int,
+    where: str,
+    allow_nonfinite: bool,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, values)`` chunk-aligned float32 pieces of one epoch's row.
+
+    Pieces span up to :data:`WRITE_CHUNKS` chunks, so that zarr writes those chunks
+    concurrently; the buffer is reused, the caller writes each piece before the next.
+    """
+    width = store.chunk * WRITE_CHUNKS
+    buf = np.empty(width, dtype=np.float32)
+    fill = 0
+    start = 0
+    for p in store.params:
+        src = mapping[p.name]
+        t = ckpt[src]
+        if tuple(t.shape) != p.shape:
+            raise MismatchError(
+                f"{where}: tensor {src!r} has shape {tuple(t.shape)}, the store has {p.shape}"
+            )
+        if not t.dtype.is_floating_point:
+            raise MismatchError(
+                f"{where}: tensor {src!r} is {dtype_name(t.dtype)}, the store models it as "
+                f"floating ({p.dtype})"
+            )
+        flat = t.reshape(-1)
+        i = 0
+        while i < p.size:
+            take = min(p.size - i, width - fill)
+            piece = buf[fill : fill + take]
+            piece[:] = flat[i : i + take].to(torch.float32).numpy()
+            # one float64 sum is finite iff every value is (float32 values cannot
+            # overflow it); also catches fp64 values beyond float32's range
+            if not allow_nonfinite and not np.isfinite(np.sum(piece, dtype=np.float64)):
+                raise NonFiniteError(
+                    f"{where}: tensor {src!r} of epoch {label} holds NaN or Inf"
+                    + (" after conversion to float32" if p.dtype == "float64" else "")
+                    + "; pass --allow-nonfinite to store it anyway"
+                )
+            fill += take
+            i += take
+            if fill == width:
+                yield start, buf
+                start += width
+                fill = 0
+    if fill:
+        yield start, buf[:fill]
+
+
+def _extras_row(
+    store: TrajectoryStore, ckpt: Checkpoint, mapping: dict[str, str], where: str
+) -> np.ndarray:
+    out = np.empty(store.extras_nbytes, dtype=np.uint8)
+    for e in store.extras:
+        src = mapping[e.name]
+        t = ckpt[src]
+        if tuple(t.shape) != e.shape or dtype_name(t.dtype) != e.dtype:
+            raise MismatchError(
+                f"{where}: tensor {src!r} is {dtype_name(t.dtype)} {tuple(t.shape)}, "
+                f"the store has {e.dtype} {e.shape}"
+            )
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+        out[e.offset : e.offset + e.nbytes] = raw
+    return out
+
+
+def fingerprint(entry: CheckpointEntry) -> tuple[int, int, str]:
+    """Total size, latest mtime (ns) and sha256 of an entry's weight files, in order."""
+    digest = hashlib.sha256()
+    size = 0
+    mtime = 0
+    for f in entry.files:
+        st = f.stat()
+        size += st.st_size
+        mtime = max(mtime, st.st_mtime_ns)
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 23):
+                digest.update(block)
+    return size, mtime, digest.hexdigest()
+
+
+def _changed_since_commit(
+    store: TrajectoryStore, entries: list[CheckpointEntry], root: Path
+) -> list[dict[str, object]]:
+    """Committed epochs whose source file now has other contents (sha256 checked only
+    where size or mtime moved)."""
+    recorded = {e.label: e for e in store.epochs}
+    changed: list[dict[str, object]] = []
+    for entry in entries:
+        old = recorded.get(entry.label)
+        if old is None or old.sha256 is None or old.source != entry.relpath(root):
+            continue
+        size = sum(f.stat().st_size for f in entry.files)
+        mtime = max(f.stat().st_mtime_ns for f in entry.files)
+        if size == old.size and mtime == old.mtime_ns:
+            continue
+        if fingerprint(entry)[2] != old.sha256:
+            changed.append({"label": entry.label, "source": old.source})
+    return changed
+
+
+def _read_ahead(
+    todo: list[CheckpointEntry], readers: int
+) -> Iterator[tuple[CheckpointEntry, tuple[int, int, str]]]:
+    """Entries in order with their fingerprints, up to ``readers`` of them being read
+    concurrently ahead of the one being written (which warms the page cache too)."""
+    if readers < 0:
+        raise UsageError(f"readers={readers} must be >= 0")
+    if readers == 0:
+        for entry in todo:
+            yield entry, fingerprint(entry)
+        return
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="cmdtool-ingest") as pool:
+        ahead = [pool.submit(fingerprint, e) for e in todo[: readers + 1]]
+        for i, entry in enumerate(todo):
+            print_ = ahead[i].result()
+            if i + readers + 1 < len(todo):
+                ahead.append(pool.submit(fingerprint, todo[i + readers + 1]))
+            yield entry, print_
+
+
+def _append(
+    store: TrajectoryStore,
+    entry: CheckpointEntry,
+    ckpt: Checkpoint,
+    keep: _NameFilter,
+    root: Path,
+    allow_nonfinite: bool,
+    print_: tuple[int, int, str],
+) -> None:
+    """Write one epoch's rows, then commit it; on any failure drop the partial row."""
+    where = entry.relpath(root)
+    mapping = _match_names(store, ckpt, keep, entry, root)
+    pool_index = store.pool_index
+    pool = np.empty(0 if pool_index is None else len(pool_index), dtype=np.float32)
+    try:
+        row = store.begin_epoch()
+        for start, values in _row_blocks(store, ckpt, mapping, entry.label, where, allow_nonfinite):
+            store.write_row_block(row, start, values)
+            if pool_index is not None:
+                lo, hi = np.searchsorted(pool_index, [start, start + len(values)])
+                pool[lo:hi] = values[pool_index[lo:hi] - start]
+        store.write_pool_row(row, pool)
+        store.write_extras_row(row, _extras_row(store, ckpt, mapping, where))
+        dtypes = {}
+        for p in store.params:
+            dt = dtype_name(ckpt.spec(mapping[p.name])[1])
+            if dt != p.dtype:
+                dtypes[p.name] = dt
+        size, mtime, sha = print_
+        store.commit_epoch(
+            EpochInfo(
+                label=entry.label,
+                source=where,
+                kind=entry.kind,
+                state_key=ckpt.state_key,
+                renamed={k: v for k, v in mapping.items() if k != v},
+                dtypes=dtypes,
+                size=size,
+                mtime_ns=mtime,
+                sha256=sha,
+            ),
+            source_root=str(root.resolve()),
+        )
+    except BaseException:
+        store.abort_epoch()
+        raise
+
+
+def ingest(
+    source: str | os.PathLike[str],
+    store_path: str | os.PathLike[str],
+    *,
+    pattern: str | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    allow_nonfinite: bool = False,
+    allow_globals: Sequence[str] = (),
+    readers: int = 2,
+    labels: Collection[int] | None = None,
+    progress: Progress | None = None,
+) -> IngestSummary:
+    """Append the checkpoints of ``source`` that are not yet in the store.
+
+    Parameters
+    ----------
+    source : path
+        Folder of checkpoints (see :func:`cmdtool.checkpoints.discover`).
+    store_path : path
+        The store; created on first use.
+    pattern : str, optional
+        Glob picking checkpoint files or folders.
+    include, exclude : str, optional
+        Regular expressions on tensor names; only matching (resp. non-matching) tensors
+        are stored. Fixed when the store is created.
+    allow_nonfinite : bool
+        Store NaN / Inf values instead of refusing the checkpoint.
+    allow_globals : sequence of str
+        Qualified names of pickled classes a torch/Lightning file may mention; they are
+        replaced by inert placeholders (no code of theirs runs) and only tensors are used.
+    readers : int
+        Checkpoints read (and hashed) ahead on background threads while the current one
+        is written; 0 reads each one only when its turn comes. Rows are always written
+        in epoch order.
+    labels : collection of int, optional
+        Ingest only the checkpoints with these epoch labels (``cmdtool watch`` passes the
+        ones whose files are complete); default all.
+    progress : callable(done, total, label), optional
+
+    Returns
+    -------
+    IngestSummary
+
+    Raises
+    ------
+    CmdtoolError
+        Bad input (a checkpoint that does not match the store, non-finite values, an
+        unreadable file): the epochs this call had already appended are rolled back, so
+        the store is exactly as it was. An interruption (Ctrl-C, a crash) keeps the
+        committed epochs; the next ingest resumes after them.
+    """
+    t0 = time.perf_counter()
+    root = Path(source)
+    entries = discover(root, pattern=pattern)
+    if labels is not None:
+        wanted = set(labels)
+        entries = [e for e in entries if e.label in wanted]
+    path = Path(store_path)
+    exists = (path / "zarr.json").exists()
+    keep = _NameFilter(include, exclude)
+    summary = IngestSummary(store=str(path), created=not exists)
+    store: TrajectoryStore | None = None
+    created_here = False
+    existed_before = path.exists()
+    before: dict[str, Any] | None = None
+    try:
+        if exists:
+            store = TrajectoryStore.open(path, mode="r+")
+            before = store.snapshot()
+            keep = _stored_filter(store, include, exclude)
+            summary.changed = _changed_since_commit(store, entries, root)
+        have = set(store.labels) if store else set()
+        todo = [e for e in entries if e.label not in have]
+        summary.skipped = [e.label for e in entries if e.label in have]
+        if store is not None and todo and store.labels and todo[0].label < store.labels[-1]:
+            e = todo[0]
+            raise UsageError(
+                f"{e.relpath(root)}: epoch {e.label} is older than the store's last epoch "
+                f"{store.labels[-1]}; cmdtool only appends, ingest into a new store"
+            )
+        for done, (entry, print_) in enumerate(_read_ahead(todo, readers)):
+            with open_checkpoint(entry, allow_globals=allow_globals) as ckpt:
+                if store is None:
+                    params, extras = _layout_from(ckpt, keep)
+                    if not params:
+                        raise UsageError(
+                            f"{entry.relpath(root)}: no floating-point tensor to model"
+                            + (" after --include/--exclude" if include or exclude else "")
+                        )
+                    sizes = [p.size for p in params]
+                    store = TrajectoryStore.create(
+                        path,
+                        params,
+                        extras,
+                        filters={"include": include, "exclude": exclude},
+                        pool_index=sample_indices(sizes, min(POOL_SIZE, sum(sizes)), seed=0),
+                    )
+                    created_here = True
+                _append(store, entry, ckpt, keep, root, allow_nonfinite, print_)
+                key = ckpt.state_key or "(top level)"
+                summary.state_keys[key] = summary.state_keys.get(key, 0) + 1
+            summary.added.append(entry.label)
+            summary.bytes_written += store.n_params * 4 + store.extras_nbytes
+            if progress is not None:
+                progress(done + 1, len(todo), entry.relpath(root))
+        if store is None:  # only when ``labels`` picked none of the entries
+            raise SourceNotFoundError(
+                f"{root}: no checkpoint with epoch label(s) {sorted(set(labels or ()))}"
+            )
+        summary.n_params = store.n_params
+        summary.n_epochs = store.n_epochs
+    except BaseException as exc:
+        bad_input = isinstance(exc, CmdtoolError)
+        if created_here and store is not None and (bad_input or store.n_epochs == 0):
+            store.close()
+            remove_store(path, keep_folder=existed_before)
+        elif bad_input and store is not None and before is not None:
+            store.rollback(before)
+        raise
+    finally:
+        if store is not None:
+            store.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _stored_filter(store: TrajectoryStore, include: str | None, exclude: str | None) -> _NameFilter:
+    """The store's own --include/--exclude; other filters on re-ingest are an error."""
+    stored = store.filters
+    asked = {"include": include, "exclude": exclude}
+    if (include or exclude) and asked != {k: stored.get(k) for k in asked}:
+        raise UsageError(
+            f"store {store.path} was created with include={stored.get('include')!r} "
+            f"exclude={stored.get('exclude')!r}; re-ingest with the same filters or none"
+        )
+    return _NameFilter(stored.get("include"), stored.get("exclude"))

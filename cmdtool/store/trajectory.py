@@ -1,0 +1,464 @@
+"""The zarr v3 trajectory store: create, append an epoch, read row blocks.
+
+This module knows rows, columns and bytes; it knows nothing of checkpoints or CMD.
+
+Commit protocol (``docs/design.md``, "Commit protocol"): an epoch's data (its row of
+``weights``, ``extras`` and ``pool``) is written first, then the group attribute
+``cmdtool`` is rewritten with the epoch appended to ``epochs``. That attribute update
+is one file write, so an epoch is visible only once complete; rows beyond
+``len(epochs)`` are uncommitted leftovers of an interrupted ingest, ignored by every
+reader and dropped by the next writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.storage
+
+from cmdtool.errors import CmdtoolError, StoreError, StoreNotFoundError, UsageError
+from cmdtool.store.cleanup import remove_store, remove_zarr_temporaries
+from cmdtool.store.layout import (
+    ATTR,
+    CHUNK,
+    EXTRAS,
+    FORMAT_VERSION,
+    POOL,
+    POOL_INDEX,
+    WEIGHTS,
+    EpochInfo,
+    ExtraInfo,
+    ParamInfo,
+    layout_attrs,
+)
+from cmdtool.store.lock import StoreLock
+from cmdtool.store.results import ResultGroups
+
+
+class TrajectoryStore(ResultGroups):
+    """A cmdtool trajectory store on the local file system.
+
+    Use :meth:`create` or :meth:`open`; the constructor is internal.
+    """
+
+    def __init__(
+        self, path: Path, group: zarr.Group, writable: bool, lock: StoreLock | None = None
+    ) -> None:
+        self.path = path
+        self._group = group
+        self._writable = writable
+        self._lock = lock
+        self._writer: ThreadPoolExecutor | None = None
+        self._load_meta()
+
+    def close(self) -> None:
+        """Release the write lock (a read-only store holds none)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
+        self._writable = False
+
+    def __enter__(self) -> TrajectoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        params: Sequence[ParamInfo],
+        extras: Sequence[ExtraInfo] = (),
+        *,
+        filters: dict[str, str | None] | None = None,
+        chunk: int | None = None,
+        pool_index: np.ndarray | None = None,
+    ) -> TrajectoryStore:
+        """Create an empty store (zero epochs) at ``path``, ``chunk`` values per chunk of N
+        (default :data:`CHUNK`); ``pool_index`` (sorted int64 columns) makes a sample pool."""
+        chunk = chunk or CHUNK
+        p = Path(path)
+        if p.exists() and (not p.is_dir() or any(p.iterdir())):
+            raise StoreError(
+                f"cannot create store {p}: it exists and is not an empty folder; "
+                "pick a new path or remove it"
+            )
+        n = sum(pi.size for pi in params)
+        nbytes = sum(e.nbytes for e in extras)
+        if n == 0:
+            raise UsageError("no floating-point tensor to model: the store would be empty")
+        lock = StoreLock(p)
+        existed = p.exists()
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            group = zarr.open_group(zarr.storage.LocalStore(p), mode="a")
+            group.create_array(
+                WEIGHTS,
+                shape=(0, n),
+                chunks=(1, min(chunk, n)),
+                dtype="float32",
+                fill_value=0.0,
+                compressors=None,
+            )
+            if pool_index is not None and len(pool_index):
+                group.create_array(POOL_INDEX, data=np.asarray(pool_index, dtype=np.int64))
+                group.create_array(
+                    POOL,
+                    shape=(0, len(pool_index)),
+                    chunks=(1, len(pool_index)),
+                    dtype="float32",
+                    fill_value=0.0,
+                    compressors=None,
+                )
+            if nbytes:
+                group.create_array(
+                    EXTRAS,
+                    shape=(0, nbytes),
+                    chunks=(1, nbytes),
+                    dtype="uint8",
+                    fill_value=0,
+                    compressors=None,
+                )
+            meta = {
+                "format_version": FORMAT_VERSION,
+                **layout_attrs(params, extras),
+                "filters": filters or {},
+                "source_roots": [],
+                "epochs": [],
+            }
+            group.attrs.put({ATTR: meta})
+        except BaseException as exc:
+            lock.release()
+            if p.is_dir():
+                remove_store(p, keep_folder=existed)
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot write store {p}: {exc.strerror or exc}") from exc
+            raise
+        return cls(p, group, writable=True, lock=lock)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, mode: str = "r") -> TrajectoryStore:
+        """Open an existing store; ``mode="r+"`` to append or write results."""
+        p = Path(path)
+        if not (p / "zarr.json").is_file():
+            if p.exists():
+                raise StoreError(f"{p} is not a cmdtool store (no zarr.json)")
+            raise StoreNotFoundError(f"store not found: {p}")
+        writable = mode != "r"
+        lock = StoreLock(p) if writable else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            group = zarr.open_group(
+                zarr.storage.LocalStore(p, read_only=not writable),
+                mode=mode,  # type: ignore[arg-type]
+            )
+            store = cls(p, group, writable=writable, lock=lock)
+            if writable:
+                store._recover()
+        except BaseException as exc:
+            if lock is not None:
+                lock.release()
+            if isinstance(exc, CmdtoolError):
+                raise
+            if isinstance(exc, Exception):
+                raise StoreError(f"cannot open store {p}: {exc}") from exc
+            raise
+        return store
+
+    def _load_meta(self) -> None:
+        meta = self._group.attrs.asdict().get(ATTR)
+        if not isinstance(meta, dict):
+            raise StoreError(f"{self.path} is not a cmdtool store (no '{ATTR}' attribute)")
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StoreError(
+                f"store {self.path} has format_version {version}, this cmdtool reads "
+                f"version {FORMAT_VERSION}; upgrade cmdtool"
+            )
+        try:
+            self.params = [
+                ParamInfo(d["name"], tuple(d["shape"]), d["dtype"], int(d["offset"]))
+                for d in meta["params"]
+            ]
+            self.extras = [
+                ExtraInfo(
+                    d["name"], tuple(d["shape"]), d["dtype"], int(d["offset"]), int(d["nbytes"])
+                )
+                for d in meta.get("extras", [])
+            ]
+            self.epochs = [EpochInfo.from_json(d) for d in meta["epochs"]]
+            self.weights = self._array(WEIGHTS)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"store {self.path} has corrupt metadata: {exc}") from exc
+        self.filters: dict[str, str | None] = dict(meta.get("filters", {}))
+        self.n_params = int(self.weights.shape[1])
+        self.chunk = int(self.weights.chunks[1])
+        if self.weights.shape[0] < len(self.epochs):
+            raise StoreError(
+                f"store {self.path} is corrupt: {len(self.epochs)} committed epochs but "
+                f"'{WEIGHTS}' has {self.weights.shape[0]} rows"
+            )
+        self._meta = meta
+
+    def _array(self, name: str) -> zarr.Array:
+        node = self._group[name]
+        if not isinstance(node, zarr.Array):
+            raise StoreError(f"store {self.path} is corrupt: {name!r} is not an array")
+        return node
+
+    # --------------------------------------------------------------- properties
+    @property
+    def n_epochs(self) -> int:
+        """T: the number of committed epochs."""
+        return len(self.epochs)
+
+    @property
+    def labels(self) -> list[int]:
+        return [e.label for e in self.epochs]
+
+    @property
+    def source_roots(self) -> list[str]:
+        """Absolute checkpoint folders this store was ingested from."""
+        return list(self._meta.get("source_roots", []))
+
+    @property
+    def extras_nbytes(self) -> int:
+        return sum(e.nbytes for e in self.extras)
+
+    def row_of(self, label: int) -> int:
+        """Row index of the epoch with this label."""
+        for i, e in enumerate(self.epochs):
+            if e.label == label:
+                return i
+        from cmdtool.errors import EpochNotFoundError
+
+        raise EpochNotFoundError(
+            f"epoch {label} is not in store {self.path} (it has {_label_summary(self.labels)})"
+        )
+
+    def disk_bytes(self) -> int:
+        """Bytes on disk under the store folder."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    # ------------------------------------------------------------------ writing
+    def _require_writable(self) -> None:
+        if not self._writable:
+            raise StoreError(f"store {self.path} is open read-only")
+
+    def _recover(self) -> None:
+        """Undo what an interrupted writer left: uncommitted rows, temp files, results."""
+        self._drop_uncommitted()
+        remove_zarr_temporaries(self.path)
+        self._recover_results()
+
+    def _drop_uncommitted(self) -> None:
+        t = self.n_epochs
+        try:
+            if self.weights.shape[0] > t:
+                self.weights.resize((t, self.n_params))
+            for name in (EXTRAS, POOL):
+                if name in self._group and self._array(name).shape[0] > t:
+                    arr = self._array(name)
+                    arr.resize((t, arr.shape[1]))
+        except OSError as exc:
+            raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+
+    def begin_epoch(self) -> int:
+        """Make room for one more (uncommitted) row; return its row index."""
+        self._require_writable()
+        t = self.n_epochs
+        try:
+            self.weights.resize((t + 1, self.n_params))
+            for name in (EXTRAS, POOL):
+                if name in self._group:
+                    arr = self._array(name)
+                    arr.resize((t + 1, arr.shape[1]))
+        except OSError as exc:
+            raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+        return t
+
+    def write_row_block(self, row: int, start: int, values: np.ndarray) -> None:
+        """Write ``values`` (float32, (n,)) at columns ``start : start + n`` of ``row``.
+
+        Chunks are written concurrently, one zarr call each, and all of them have
+        finished (written or failed) when this returns or raises: zarr's own concurrent
+        write raises at the first failure while other chunk writes are still in flight,
+        which could land after the caller has rolled the row back.
+        """
+        stop = start + values.shape[0]
+        bounds = [*range(start, stop, self.chunk), stop]
+        pieces = list(pairwise(bounds))
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cmdtool-write")
+
+        def put(lo: int, hi: int) -> None:
+            self.weights[row, lo:hi] = values[lo - start : hi - start]
+
+        done = [self._writer.submit(put, lo, hi) for lo, hi in pieces]
+        errors = [f.exception() for f in done]  # waits for every write
+        first = next((e for e in errors if e is not None), None)
+        if isinstance(first, OSError):
+            raise StoreError(
+                f"cannot write store {self.path}: {first.strerror or first}"
+            ) from first
+        if first is not None:
+            raise first
+
+    def write_extras_row(self, row: int, data: np.ndarray) -> None:
+        """Write one epoch's non-modeled tensors as raw bytes (uint8, (B,))."""
+        if not self.extras:
+            return
+        try:
+            self._array(EXTRAS)[row, :] = data
+        except OSError as exc:
+            raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+
+    @property
+    def pool_index(self) -> np.ndarray | None:
+        """Columns of the sample pool, sorted int64; None for a store without one."""
+        if POOL_INDEX not in self._group:
+            return None
+        return np.asarray(self._array(POOL_INDEX)[:], dtype=np.int64)
+
+    def has_pool(self) -> bool:
+        """True when every committed epoch has its pool row (a store appended by an older
+        cmdtool may lack them)."""
+        return POOL in self._group and self._array(POOL).shape[0] >= self.n_epochs
+
+    def write_pool_row(self, row: int, values: np.ndarray) -> None:
+        """One epoch's values at the pool columns (float32, (P,))."""
+        if POOL not in self._group:
+            return
+        try:
+            self._array(POOL)[row, :] = values
+        except OSError as exc:
+            raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+
+    def read_pool(self, rows: np.ndarray) -> np.ndarray:
+        """Pool values of the given committed rows: float32, (len(rows), P)."""
+        return np.asarray(self._array(POOL).oindex[np.asarray(rows, dtype=np.int64), :])
+
+    def commit_epoch(self, epoch: EpochInfo, source_root: str | None = None) -> None:
+        """Make the row written since :meth:`begin_epoch` visible, atomically.
+
+        ``source_root`` (the absolute checkpoint folder) is recorded in ``source_roots``.
+        """
+        self._require_writable()
+        meta = dict(self._meta)
+        meta["epochs"] = [e.to_json() for e in self.epochs] + [epoch.to_json()]
+        roots = list(meta.get("source_roots", []))
+        if source_root is not None and source_root not in roots:
+            meta["source_roots"] = [*roots, source_root]
+        try:
+            self._group.attrs.put({**self._group.attrs.asdict(), ATTR: meta})
+        except OSError as exc:
+            raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+        self._meta = meta
+        self.epochs = [*self.epochs, epoch]
+
+    def snapshot(self) -> dict[str, Any]:
+        """The committed metadata as it is now, for :meth:`rollback`."""
+        return json.loads(json.dumps(self._meta))
+
+    def rollback(self, snapshot: dict[str, Any]) -> None:
+        """Forget the epochs committed since ``snapshot`` was taken: one atomic rewrite of
+        the metadata back to it, then their rows are dropped."""
+        self._require_writable()
+        try:
+            self._group.attrs.put({**self._group.attrs.asdict(), ATTR: snapshot})
+        except OSError as exc:
+            raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
+        self._meta = snapshot
+        self.epochs = [EpochInfo.from_json(d) for d in snapshot["epochs"]]
+        self._drop_uncommitted()
+
+    def abort_epoch(self) -> None:
+        """Drop the uncommitted row, if any (after a failure mid-epoch)."""
+        self._drop_uncommitted()
+
+    # ------------------------------------------------------------------ reading
+    def read_block(self, rows: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Columns ``start:stop`` of the given committed rows.
+
+        Returns
+        -------
+        ndarray, float32, shape (len(rows), stop - start)
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        t = rows.shape[0]
+        if t and rows[-1] - rows[0] == t - 1 and np.all(np.diff(rows) == 1):
+            return np.asarray(self.weights[int(rows[0]) : int(rows[-1]) + 1, start:stop])
+        return np.asarray(self.weights.oindex[rows, start:stop])
+
+    def read_columns(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Values at ``rows`` x ``cols`` (int64 index arrays; cols in any order, repeats
+        allowed), read from the sample pool when it holds every column, else from
+        ``weights`` one whole chunk-column at a time.
+
+        Returns
+        -------
+        ndarray, float32, shape (len(rows), len(cols))
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        uniq, inverse = np.unique(np.asarray(cols, dtype=np.int64), return_inverse=True)
+        pool = self.pool_index if self.has_pool() else None
+        if pool is not None and np.isin(uniq, pool).all():
+            return self.read_pool(rows)[:, np.searchsorted(pool, uniq)][:, inverse]
+        return self._read_sorted_columns(rows, uniq)[:, inverse]
+
+    def _read_sorted_columns(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), len(cols)), dtype=np.float32)
+        chunk_ids = cols // self.chunk
+        bounds = np.flatnonzero(np.diff(chunk_ids)) + 1
+        for sel in np.split(np.arange(len(cols)), bounds):
+            if sel.size == 0:
+                continue
+            c0 = int(chunk_ids[sel[0]]) * self.chunk
+            c1 = min(c0 + self.chunk, self.n_params)
+            block = self.read_block(rows, c0, c1)
+            out[:, sel] = block[:, cols[sel] - c0]
+        return out
+
+    def read_extras(self, row: int) -> bytes:
+        """One committed epoch's non-modeled tensors, as raw bytes."""
+        if not self.extras:
+            return b""
+        return bytes(np.asarray(self._array(EXTRAS)[row, :]).tobytes())
+
+    def column_blocks(self, width: int | None = None) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` column ranges aligned to chunks, ``width`` a multiple of the chunk."""
+        w = width or self.chunk
+        for start in range(0, self.n_params, w):
+            yield start, min(start + w, self.n_params)
+
+
+def as_store(store: TrajectoryStore | str | os.PathLike[str], mode: str = "r") -> TrajectoryStore:
+    """``store`` itself when already open, else :meth:`TrajectoryStore.open` in ``mode``
+    (the caller closes what it opened: ``if st is not store: st.close()``)."""
+    if isinstance(store, TrajectoryStore):
+        return store
+    return TrajectoryStore.open(store, mode=mode)
+
+
+def _label_summary(labels: Sequence[int]) -> str:
+    if not labels:
+        return "no epochs"
+    if len(labels) <= 6:
+        return "epochs " + ", ".join(map(str, labels))
+    return f"{len(labels)} epochs, {labels[0]}..{labels[-1]}"
+

@@ -1,0 +1,183 @@
+"""CMD against planted modes and an independent float64 numpy implementation."""
+
+import numpy as np
+import pytest
+import zarr
+
+from cmdtool.decomposition import CMD
+from cmdtool.errors import DeviceError, UsageError
+from cmdtool.ingestion import ingest
+from cmdtool.method.kernels import resolve_device
+from cmdtool.method.sampling import sample_indices
+from tests import cmd_reference as ref
+from tests.conftest import (
+    n_modeled,
+    planted,
+    state_dicts,
+    store_params,
+    to_store_order,
+    tree_digest,
+    write_run,
+)
+
+
+@pytest.fixture
+def planted_store(tmp_path):
+    n = n_modeled()
+    w, groups, _ = planted(n, 20, 4, seed=7, noise=0.02)
+    write_run(tmp_path / "run", state_dicts(w))
+    store = tmp_path / "s.zarr"
+    ingest(tmp_path / "run", store)
+    params = store_params(store)
+    w = to_store_order(w.astype(np.float32).astype(np.float64), params)
+    groups = to_store_order(groups, params)
+    return store, w, groups
+
+
+def _purity(labels, groups):
+    """Share of parameters in the majority planted group of their mode."""
+    return sum(np.bincount(groups[labels == k]).max() for k in np.unique(labels)) / len(labels)
+
+
+def test_planted_modes_recovered_and_matches_reference(planted_store):
+    store, w, groups = planted_store
+    model = CMD(4, n_samples=500, seed=2).fit(store)
+    assert model.n_modes_ == 4
+    assert _purity(model.labels_, groups) >= 0.99
+    oracle = ref.fit(w, model.sample_index_, n_modes=4)
+    assert np.array_equal(model.ref_index_, oracle["ref_index"])
+    assert np.mean(model.labels_ == oracle["labels"]) >= 0.999
+    assert abs(model.relative_error_ - oracle["rel_error"]) <= 0.01 * oracle["rel_error"]
+    assert np.allclose(model.a_, oracle["a"], rtol=1e-5, atol=1e-6)
+    assert np.allclose(model.b_, oracle["b"], rtol=1e-5, atol=1e-5)
+    assert model.mode_sizes_.sum() == w.shape[0]
+    assert np.array_equal(model.mode_sizes_, np.bincount(model.labels_, minlength=4))
+
+
+def test_result_group_layout_is_public(planted_store):
+    store, w, _ = planted_store
+    model = CMD(3, n_samples=200).fit(store, name="three")
+    g = zarr.open_group(store / "three", mode="r")
+    assert g["labels"].shape == (w.shape[0],)
+    assert g["a"].dtype == np.float32 and g["b"].dtype == np.float32
+    assert g["ref_index"].dtype == np.int64 and g["sample_index"].shape == (200,)
+    assert g["ref_traj"].shape == (3, 20)
+    # ref_traj is the references' own trajectories over the window
+    assert np.array_equal(g["ref_traj"][:], w[model.ref_index_].astype(np.float32))
+    attrs = g.attrs["cmdtool_result"]
+    assert attrs["n_modes"] == 3 and attrs["samples"] == 200 and attrs["seed"] == 0
+    assert attrs["epochs"] == list(range(1, 21))
+
+
+def test_window_and_stride(planted_store):
+    store, w, _ = planted_store
+    model = CMD(4, n_samples=400, epochs="5:17", stride=2).fit(store)
+    rows = np.arange(4, 16, 2)
+    assert model.window_rows_.tolist() == rows.tolist()
+    oracle = ref.fit(w[:, rows], model.sample_index_, n_modes=4)
+    assert abs(model.relative_error_ - oracle["rel_error"]) <= 0.01 * oracle["rel_error"]
+    assert np.allclose(model.a_, oracle["a"], rtol=1e-5, atol=1e-6)
+
+
+def test_threshold_cut(planted_store):
+    store, w, _ = planted_store
+    model = CMD(None, threshold=0.5, n_samples=300).fit(store)
+    _, ref_rows = ref.cluster(w[model.sample_index_], threshold=0.5)
+    assert model.n_modes_ == len(ref_rows)
+
+
+def test_constant_trajectories(tmp_path):
+    n = n_modeled()
+    w, _, _ = planted(n, 8, 2, seed=0)
+    w[:100] = 0.25  # constant parameters, all of them sampled (K = N)
+    write_run(tmp_path / "run", state_dicts(w))
+    ingest(tmp_path / "run", tmp_path / "s.zarr")
+    model = CMD(2, n_samples=n).fit(tmp_path / "s.zarr")
+    const = to_store_order(np.arange(n), store_params(tmp_path / "s.zarr")) < 100
+    assert np.all(model.a_[const] == 0)
+    assert np.allclose(model.b_[const], 0.25)
+    assert np.all(np.isfinite(model.a_)) and np.all(np.isfinite(model.b_))
+
+
+def test_refit_replaces_and_load_reads_back(planted_store):
+    store, _, _ = planted_store
+    CMD(2, n_samples=100).fit(store)
+    second = CMD(4, n_samples=300).fit(store)
+    loaded = CMD.load(store)
+    assert loaded.n_modes_ == 4
+    assert np.array_equal(loaded.labels_, second.labels_)
+    assert loaded.relative_error_ == second.relative_error_
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_modes": 0}, "modes=0 must be >= 1"),
+        ({"n_modes": 60, "n_samples": 50}, "modes=60 must be >= 1 and <= the number of sampled"),
+        ({"n_samples": 10**7}, "samples=10000000 must be <= the number of parameters"),
+        ({"epochs": "100:200"}, "no stored epoch falls in it"),
+        ({"epochs": "1:3"}, "the window holds 2 epoch"),
+        ({"threshold": 0.0, "n_modes": None}, "threshold=0.0"),
+    ],
+)
+def test_bad_settings_leave_store_untouched(planted_store, kwargs, message):
+    store, _, _ = planted_store
+    CMD(3, n_samples=100).fit(store)
+    before = tree_digest(store)
+    with pytest.raises(UsageError, match=message):
+        CMD(**kwargs).fit(store)
+    assert tree_digest(store) == before
+
+
+def test_cuda_without_gpu_is_a_clear_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        resolve_device("cuda")
+
+
+def test_weights_read_at_most_once(planted_store, monkeypatch):
+    # guards: sampling from the ingest-time pool in CMD._fit (no second pass over weights)
+    import collections
+
+    import zarr.storage
+
+    store, w, _ = planted_store
+    reads: collections.Counter[str] = collections.Counter()
+    original = zarr.storage.LocalStore.get
+
+    async def counting_get(self, key, *args, **kwargs):
+        reads[key] += 1
+        return await original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", counting_get)
+    model = CMD(4, n_samples=500, epochs="3:15", stride=3).fit(store)
+    chunks = {k: v for k, v in reads.items() if k.startswith("weights/c/")}
+    assert chunks and max(chunks.values()) == 1
+    read_rows = {int(k.split("/")[2]) for k in chunks}
+    assert read_rows == set(model.window_rows_.tolist())  # only the window's rows
+    assert len(chunks) == len(model.window_rows_)  # one chunk per row in this small store
+    oracle = ref.fit(w[:, model.window_rows_], model.sample_index_, n_modes=4)
+    assert np.allclose(model.a_, oracle["a"], rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_usable_pool_samples_come_from_weights(planted_store):
+    store, w, _ = planted_store
+    # K/2 <= L (7 tensors): the design's uniform sampling over all N, not from the pool
+    model = CMD(3, n_samples=12).fit(store)
+    assert len(model.sample_index_) == 12
+    assert np.array_equal(model.sample_index_, sample_indices(_sizes(store), 12, 0))
+    oracle = ref.fit(w, model.sample_index_, n_modes=3)
+    assert np.array_equal(model.ref_index_, oracle["ref_index"])
+    assert np.allclose(model.a_, oracle["a"], rtol=1e-5, atol=1e-6)
+
+
+def _sizes(store):
+    import zarr
+
+    return [
+        int(np.prod(p["shape"]))
+        for p in zarr.open_group(store, mode="r").attrs["cmdtool"]["params"]
+    ]

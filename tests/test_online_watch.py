@@ -1,0 +1,403 @@
+"""``cmdtool watch``: follow a folder while a (simulated) training job writes into it.
+
+Real processes, real files: ``tests/slow_writer.py`` copies finished checkpoints into the
+watched folder slowly, one of them in two halves, straight to the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file, save_file
+
+from cmdtool.errors import CheckpointError, CmdtoolError, SourceNotFoundError, UsageError
+from cmdtool.ingestion import ingest
+from cmdtool.online.watch import WatchEvent, check_file, watch
+from cmdtool.store import RESULT_ATTR, TrajectoryStore
+from tests.conftest import REPO, n_modeled, planted, state_dicts, to_store_order, write_run
+
+WRITER = REPO / "tests" / "slow_writer.py"
+FIT = {"n_modes": 3, "n_samples": 300}  # small fits for the 3,224-parameter planted model
+FIT_ARGS = ["--modes", "3", "--samples", "300"]
+
+
+def _name(label: int) -> str:
+    return f"epoch_{label}.safetensors"
+
+
+@pytest.fixture(scope="module")
+def run8(tmp_path_factory):
+    """8 finished checkpoints in a staging folder; returns (staging, W float64 (N, 8))."""
+    staging = tmp_path_factory.mktemp("watch") / "staging"
+    w, _, _ = planted(n_modeled(), 8, 3, seed=11)
+    write_run(staging, state_dicts(w))
+    return staging, w
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "200"}
+
+
+def _cli(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "cmdtool", "watch", *map(str, args)]
+
+
+def _writer(staging: Path, dest: Path, labels: list[int], *opts: str) -> list[str]:
+    names = [_name(k) for k in labels]
+    return [sys.executable, str(WRITER), str(staging), str(dest), *names, *opts]
+
+
+def _check_store(store: Path, staging: Path, w: np.ndarray, labels: list[int]) -> None:
+    """The store holds exactly ``labels`` in order, each row the checkpoint's values;
+    read both with plain zarr and with TrajectoryStore."""
+    group = zarr.open_group(store, mode="r")
+    meta = group.attrs["cmdtool"]
+    assert [e["label"] for e in meta["epochs"]] == labels
+    params = sorted(meta["params"], key=lambda p: p["offset"])
+    weights = group["weights"]
+    assert weights.shape == (len(labels), n_modeled())
+    with TrajectoryStore.open(store, mode="r") as st:
+        assert st.labels == labels and st.n_epochs == len(labels)
+        block = st.read_block(np.arange(len(labels)), 0, st.n_params)
+    for row, label in enumerate(labels):
+        sd = load_file(staging / _name(label))
+        expected = np.concatenate([sd[p["name"]].reshape(-1).numpy() for p in params])
+        np.testing.assert_array_equal(weights[row], expected)
+        np.testing.assert_array_equal(block[row], expected)
+        np.testing.assert_allclose(
+            expected, to_store_order(w[:, label - 1], params), rtol=1e-6, atol=1e-6
+        )
+
+
+def _result_attrs(store: Path, name: str = "cmd") -> dict:
+    return dict(zarr.open_group(store, mode="r")[name].attrs[RESULT_ATTR])
+
+
+# ------------------------------------------------------------------- end to end
+
+
+def test_watch_follows_a_slow_writer(run8, tmp_path):
+    staging, w = run8
+    source, store = tmp_path / "run", tmp_path / "store.zarr"
+    source.mkdir()
+    cmd = _cli(source, store, "--warmup", "4", "--interval", "0.2", "--until-idle", "3")
+    watcher = subprocess.Popen(
+        [*cmd, *FIT_ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+    )
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.extend(watcher.stderr or []), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("waiting for checkpoints" in e for e in errors):  # its first look
+            assert watcher.poll() is None, "".join(errors)
+            assert time.monotonic() < deadline, "the watcher never looked at the folder"
+            time.sleep(0.05)
+        # epoch 3 in two halves, epoch 4 written in full between them
+        split = ["--pause", "0.3", "--split", _name(3), "--split-pause", "0.6"]
+        writer = subprocess.run(_writer(staging, source, list(range(1, 9)), *split), timeout=60)
+        assert writer.returncode == 0
+        stdout, _ = watcher.communicate(timeout=120)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    reader.join(timeout=10)
+    assert watcher.returncode == 0, "".join(errors)
+
+    lines = [line for line in stdout.splitlines() if line.startswith("epoch ")]
+    assert [int(line.split()[1]) for line in lines] == list(range(1, 9))  # one live line each
+    assert all("warm-up" in line for line in lines[:3])
+    assert "decomposed" in lines[3] and all("rel.err" in line for line in lines[3:])
+    assert "watched" in stdout and "+8 epoch(s)" in stdout
+
+    _check_store(store, staging, w, list(range(1, 9)))
+    attrs = _result_attrs(store)
+    assert attrs["epochs"] == list(range(1, 9)) and attrs["n_modes"] >= 1
+
+
+def test_a_file_that_never_completes_is_exit_4_naming_it(run8, tmp_path):
+    staging, w = run8
+    source, store = tmp_path / "run", tmp_path / "store.zarr"
+    source.mkdir()
+    # the job writes epochs 1-3, then dies half-way through epoch 4
+    writer = subprocess.Popen(
+        _writer(staging, source, [1, 2, 3, 4], "--pause", "0.1", "--stop-at", _name(4))
+    )
+    args = ["--warmup", "5", "--interval", "0.1", "--until-idle", "1.5", *FIT_ARGS]
+    r = subprocess.run(
+        _cli(source, store, *args), capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert writer.wait(timeout=60) == 0
+    assert r.returncode == 4, r.stderr
+    size = (source / _name(4)).stat().st_size
+    full = (staging / _name(4)).stat().st_size
+    message = r.stderr.strip()
+    assert message.startswith("error:") and len(message.splitlines()) == 1
+    assert f"{source / _name(4)} never completed: {size} bytes, the header says {full}" in message
+    assert "(waited" in message
+    _check_store(store, staging, w, [1, 2, 3])  # the complete epochs before it, no more
+
+
+def test_source_removed_while_watching_is_exit_3_and_the_store_is_consistent(run8, tmp_path):
+    staging, w = run8
+    source, store = tmp_path / "run", tmp_path / "store.zarr"
+    source.mkdir()
+    for k in (1, 2):
+        shutil.copy(staging / _name(k), source / _name(k))
+    watcher = subprocess.Popen(
+        _cli(source, store, "--warmup", "3", "--interval", "0.1", *FIT_ARGS),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert watcher.poll() is None, watcher.communicate()[1]
+            assert time.monotonic() < deadline, "the watcher never ingested the two epochs"
+            try:
+                with TrajectoryStore.open(store, mode="r") as st:
+                    if st.labels == [1, 2]:
+                        break
+            except CmdtoolError:  # not created yet
+                pass
+            time.sleep(0.05)
+        shutil.rmtree(source)
+        _, stderr = watcher.communicate(timeout=60)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 3, stderr
+    assert f"source folder {source} disappeared while watching" in stderr
+    assert "the store holds epochs 1..2" in stderr
+    _check_store(store, staging, w, [1, 2])
+
+
+def test_ctrl_c_exits_130_and_leaves_a_consistent_store(run8, tmp_path):
+    staging, w = run8
+    source, store = tmp_path / "run", tmp_path / "store.zarr"
+    source.mkdir()
+    for k in (1, 2, 3):
+        shutil.copy(staging / _name(k), source / _name(k))
+    watcher = subprocess.Popen(
+        _cli(source, store, "--warmup", "3", "--interval", "0.1", "--json", *FIT_ARGS),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    guard = threading.Timer(120, watcher.kill)  # readline() below has no timeout
+    guard.start()
+    try:
+        assert watcher.stdout is not None
+        for _ in range(3):  # JSON Lines arrive live, one per epoch
+            event = json.loads(watcher.stdout.readline())
+        assert event == {**event, "type": "epoch", "label": 3, "phase": "decomposed"}
+        watcher.send_signal(signal.SIGINT)
+        _, stderr = watcher.communicate(timeout=60)
+    finally:
+        guard.cancel()
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 130, stderr
+    assert "interrupted" in stderr
+    _check_store(store, staging, w, [1, 2, 3])
+    assert _result_attrs(store)["epochs"] == [1, 2, 3]
+    assert not (store / ".cmdtool-lock").exists()
+
+
+def test_a_hugging_face_folder_still_being_written_is_waited_for(run8, tmp_path):
+    staging, _ = run8
+    source, store = tmp_path / "run", tmp_path / "store.zarr"
+    for k in (1, 2):
+        (source / f"checkpoint-{k}").mkdir(parents=True)
+        shutil.copy(staging / _name(k), source / f"checkpoint-{k}" / "model.safetensors")
+    (source / "checkpoint-3").mkdir()  # the Trainer has made the folder, no weights yet
+    (source / "checkpoint-3" / "config.json").write_text("{}")
+    notices: list[str] = []
+    with pytest.raises(CheckpointError, match="checkpoint-3 holds no model weights"):
+        watch(source, store, warmup=3, interval=0.05, until_idle=0.4, on_notice=notices.append)
+    assert len(notices) == 1 and notices[0].startswith("waiting: ")
+    assert not store.exists()  # nothing ingested while the folder cannot be listed
+
+    shutil.copy(staging / _name(3), source / "checkpoint-3" / "model.safetensors")
+    s = watch(source, store, warmup=3, interval=0.05, until_idle=0.4, **FIT)
+    assert s.added == [1, 2, 3] and s.decomposed
+
+
+# ---------------------------------------------------------------------- settings
+
+
+def test_warmup_below_3_is_exit_2_before_anything_happens(run8, tmp_path):
+    staging, _ = run8
+    store = tmp_path / "store.zarr"
+    r = subprocess.run(
+        _cli(staging, store, "--warmup", "2"), capture_output=True, text=True, env=_env()
+    )
+    assert r.returncode == 2, r.stderr
+    assert "warmup=2 must be >= 3" in r.stderr
+    assert not store.exists()
+
+
+def test_bad_settings_and_missing_source_fail_before_anything_is_written(run8, tmp_path):
+    staging, _ = run8
+    store = tmp_path / "store.zarr"
+    for bad in ({"interval": 0}, {"interval": -1.0}, {"until_idle": 0}, {"n_modes": 0}):
+        with pytest.raises(UsageError) as info:
+            watch(staging, store, **bad)  # type: ignore[arg-type]
+        assert info.value.exit_code == 2
+    with pytest.raises(SourceNotFoundError, match="checkpoint folder not found") as missing:
+        watch(tmp_path / "nowhere", store, interval=0.05, until_idle=0.2)
+    assert missing.value.exit_code == 3
+    assert not store.exists()
+
+
+def test_warmup_longer_than_the_run_is_exit_2_at_the_idle_stop(run8, tmp_path):
+    staging, w = run8
+    source, store = tmp_path / "run", tmp_path / "store.zarr"
+    source.mkdir()
+    for k in (1, 2, 3):
+        shutil.copy(staging / _name(k), source / _name(k))
+    events: list[WatchEvent] = []
+    with pytest.raises(UsageError) as info:
+        watch(source, store, warmup=5, interval=0.05, until_idle=0.5, on_epoch=events.append)
+    assert info.value.exit_code == 2
+    assert str(info.value) == (
+        "warm-up 5 is longer than the run: only 3 epochs arrived; lower --warmup"
+    )
+    assert [(e.label, e.phase, e.n_epochs) for e in events] == [
+        (1, "warmup", 1),
+        (2, "warmup", 2),
+        (3, "warmup", 3),
+    ]
+    _check_store(store, staging, w, [1, 2, 3])  # the epochs stay; nothing else was written
+    assert zarr.open_group(store, mode="r").attrs["cmdtool"]["epochs"][-1]["label"] == 3
+    assert "cmd" not in zarr.open_group(store, mode="r")
+
+
+def test_an_empty_folder_is_waited_for(tmp_path):
+    source = tmp_path / "run"
+    source.mkdir()
+    notices: list[str] = []
+    with pytest.raises(SourceNotFoundError, match="no checkpoint arrived"):
+        watch(source, tmp_path / "s.zarr", interval=0.05, until_idle=0.3, on_notice=notices.append)
+    assert len(notices) == 1 and "waiting for checkpoints" in notices[0]
+    assert not (tmp_path / "s.zarr").exists()
+
+
+# ------------------------------------------------------------------------ resume
+
+
+def test_resumed_watch_adds_each_epoch_once_and_updates_the_decomposition(run8, tmp_path):
+    staging, w = run8
+    source, store = tmp_path / "run", tmp_path / "store.zarr"
+    source.mkdir()
+    for k in range(1, 6):
+        shutil.copy(staging / _name(k), source / _name(k))
+
+    stop = threading.Event()
+    first: list[WatchEvent] = []
+
+    def on_epoch(event: WatchEvent) -> None:
+        first.append(event)
+        if event.label == 5:
+            stop.set()
+
+    s1 = watch(source, store, warmup=4, interval=0.05, on_epoch=on_epoch, stop=stop, **FIT)
+    assert s1.stopped == "stop" and s1.added == [1, 2, 3, 4, 5] and s1.decomposed
+    assert [e.phase for e in first] == ["warmup"] * 3 + ["decomposed", "updated"]
+    assert first[3].n_modes == s1.n_modes and first[4].relative_error == s1.relative_error
+    assert _result_attrs(store)["epochs"] == [1, 2, 3, 4, 5]
+
+    for k in range(6, 9):  # the job goes on while nobody watches
+        shutil.copy(staging / _name(k), source / _name(k))
+    second: list[WatchEvent] = []
+    s2 = watch(source, store, warmup=4, interval=0.05, until_idle=0.5, on_epoch=second.append)
+    assert s2.stopped == "idle" and s2.added == [6, 7, 8] and s2.n_epochs == 8
+    assert [(e.label, e.phase) for e in second] == [(6, "updated"), (7, "updated"), (8, "updated")]
+    _check_store(store, staging, w, list(range(1, 9)))
+    attrs = _result_attrs(store)
+    assert attrs["epochs"] == list(range(1, 9)) and attrs["relative_error"] == pytest.approx(
+        s2.relative_error
+    )
+
+    s3 = watch(source, store, warmup=4, interval=0.05, until_idle=0.3)  # nothing new
+    assert s3.added == [] and s3.n_epochs == 8 and s3.decomposed
+    _check_store(store, staging, w, list(range(1, 9)))
+
+
+def test_a_store_already_past_the_warmup_is_decomposed_then_updated(run8, tmp_path):
+    staging, _ = run8
+    source, store = tmp_path / "run", tmp_path / "store.zarr"
+    source.mkdir()
+    for k in range(1, 7):
+        shutil.copy(staging / _name(k), source / _name(k))
+    ingest(source, store, readers=0)
+    events: list[WatchEvent] = []
+    s = watch(source, store, warmup=4, interval=0.05, until_idle=0.3, on_epoch=events.append, **FIT)
+    assert s.added == [] and s.decomposed
+    assert [(e.label, e.phase) for e in events] == [(6, "decomposed")]
+    assert _result_attrs(store)["epochs"] == [1, 2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------------ the checker
+
+
+def _sd() -> dict[str, torch.Tensor]:
+    w, _, _ = planted(n_modeled(), 1, 1, seed=2)
+    return state_dicts(w)[0]
+
+
+def test_check_file_safetensors_truncated_anywhere_is_incomplete(tmp_path):
+    full = tmp_path / "full.safetensors"
+    save_file(_sd(), str(full))
+    data = full.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    check = check_file(full)
+    assert check.complete is True and check.expected == len(data) and check.problem == ""
+    part = tmp_path / "part.safetensors"
+    for cut in (0, 5, 8, 8 + n // 2, 8 + n - 1, 8 + n, 8 + n + 1, (8 + n + len(data)) // 2):
+        part.write_bytes(data[:cut])
+        check = check_file(part)
+        assert check.complete is False, cut
+        assert check.size == cut and str(cut) in check.problem
+        if cut >= 8 + n:
+            assert check.expected == len(data)
+            assert check.problem == f"{cut} bytes, the header says {len(data)}"
+    part.write_bytes(data[:-1])
+    assert check_file(part).complete is False
+    part.write_bytes(data + b"\0")  # longer than its header says
+    assert check_file(part).complete is False
+    part.write_bytes(data)
+    assert check_file(part).complete is True
+
+
+def test_check_file_torch_zip_truncated_is_incomplete_pickle_has_no_verdict(tmp_path):
+    full = tmp_path / "full.pt"
+    torch.save(_sd(), full)
+    data = full.read_bytes()
+    assert data[:2] == b"PK"
+    assert check_file(full).complete is True
+    part = tmp_path / "part.pt"
+    for cut in (0, 3, 100, len(data) // 2, len(data) - 200, len(data) - 22, len(data) - 1):
+        part.write_bytes(data[:cut])
+        assert check_file(part).complete is False, cut
+    legacy = tmp_path / "legacy.pt"
+    torch.save(_sd(), legacy, _use_new_zipfile_serialization=False)
+    assert check_file(legacy).complete is None  # only the settle rule can tell
