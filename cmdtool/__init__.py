@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
@@ -33,6 +33,7 @@ _EXPORTS = {
     "rebuild_state": "cmdtool.reconstruction",
     "update": "cmdtool.decomposition.update",
     "evaluate": "cmdtool.evaluation",
+    "compare": "cmdtool.baselines",
 }
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "OnlineCMD",
     "TrajectoryStore",
     "__version__",
+    "compare",
     "evaluate",
     "ingest",
     "rebuild_state",
@@ -49,6 +51,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from cmdtool.baselines import compare
     from cmdtool.decomposition import CMD
     from cmdtool.decomposition.update import update
     from cmdtool.evaluation import evaluate

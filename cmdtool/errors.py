@@ -93,6 +93,10 @@ class StoreError(CmdtoolError, OSError):
     exit_code = 6
 
 
+class ResultChangedError(StoreError):
+    """A decomposition was republished while a reader used it (readers start again)."""
+
+
 class DeviceError(CmdtoolError, RuntimeError):
     """The requested compute device is not available."""
 

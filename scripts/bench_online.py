@@ -40,6 +40,7 @@ from make_sample_checkpoints import load_split, train_epoch  # noqa: E402
 
 from cmdtool.decomposition import CMD  # noqa: E402
 from cmdtool.decomposition.update import update  # noqa: E402
+from cmdtool.ingestion import create_store  # noqa: E402
 from cmdtool.online import OnlineCMD  # noqa: E402
 from cmdtool.store import EpochInfo, ParamInfo, TrajectoryStore  # noqa: E402
 
@@ -99,10 +100,8 @@ def bench_step(epochs: int, warmup: int) -> list[str]:
 
 def _append_rows(st: TrajectoryStore, first_label: int, rows: np.ndarray) -> None:
     for i, row in enumerate(rows):
-        r = st.begin_epoch()
-        st.write_row_block(r, 0, row)
-        st.write_pool_row(r, row[st.pool_index])
-        st.commit_epoch(EpochInfo(label=first_label + i, source=f"planted/{first_label + i}"))
+        label = first_label + i
+        st.append_epoch([(0, row)], EpochInfo(label=label, source=f"planted/{label}"))
 
 
 def bench_update(n: int, histories: list[int], news: list[int], folder: Path) -> list[str]:
@@ -132,8 +131,7 @@ def bench_update(n: int, histories: list[int], news: list[int], folder: Path) ->
     for t0 in histories:
         path = folder / f"h{t0}.zarr"
         info = ParamInfo("w", (n,), "float32", 0)
-        pool = np.sort(rng.choice(n, size=min(n, 16384), replace=False)).astype(np.int64)
-        with TrajectoryStore.create(path, [info], pool_index=pool) as st:
+        with create_store(path, [info]) as st:
             _append_rows(st, 1, rows(0, t0))
         CMD(10, n_samples=1000).fit(path)
         done = t0

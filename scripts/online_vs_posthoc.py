@@ -180,7 +180,8 @@ def _table(acc: dict[str, dict[int, float]], epochs: int) -> str:
         if c == "frozen" or len(vals) < 2:
             stats.append(cell(c, epochs))
         else:
-            stats.append(f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}")
+            # ± the population standard deviation (ddof=0), as cmdtool compare and the README
+            stats.append(f"{statistics.mean(vals):.4f} ± {statistics.pstdev(vals):.4f}")
     lines.append(f"| last {len(last)} (mean ± std) | " + " | ".join(stats) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,7 @@
 """Render a report.html to a PNG with headless Chromium (to look at it, or for CI).
 
 Usage: ``python scripts/render_report.py out/report/report.html [--out page.png]
-[--chromium /usr/bin/chromium] [--height 4000]``. Needs Debian's ``chromium`` package
+[--chromium /usr/bin/chromium] [--height 20000]``. Needs Debian's ``chromium`` package
 (``apt-get install chromium``); no network is used: the report is self-contained.
 """
 
@@ -26,7 +26,7 @@ def find_chromium(path: str | None) -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def render(html: Path, png: Path, chromium: str, width: int = 1280, height: int = 4000) -> None:
+def render(html: Path, png: Path, chromium: str, width: int = 1280, height: int = 20000) -> None:
     """Screenshot ``html`` into ``png`` with headless ``chromium``.
 
     Parameters
@@ -54,6 +54,19 @@ def render(html: Path, png: Path, chromium: str, width: int = 1280, height: int 
             html.resolve().as_uri(),
         ]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    trim_bottom(png)
+
+
+def trim_bottom(png: Path, margin: int = 40) -> None:
+    """Cut the blank rows below the page's content (the window is taller than any report,
+    so the whole page is on the screenshot)."""
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    img = mpimg.imread(png)
+    ink = np.flatnonzero((img[..., :3] < 0.98).any(axis=(1, 2)))
+    if ink.size:
+        mpimg.imsave(png, img[: min(img.shape[0], int(ink[-1]) + margin)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="PNG to write [default: next to the html]")
     ap.add_argument("--chromium", help=f"Chromium binary [default: {DEFAULT_CHROMIUM}]")
     ap.add_argument("--width", type=int, default=1280)
-    ap.add_argument("--height", type=int, default=4000)
+    ap.add_argument("--height", type=int, default=20000)
     args = ap.parse_args(argv)
     if not args.html.is_file():
         print(f"error: {args.html} not found", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Independent in-memory float64 numpy CMD, used only as a test oracle.
 
-A plain transcription of DESIGN.md "The model", steps 2-7, with the whole trajectory
-matrix in memory. It is deliberately simple: no streaming, no torch, no store.
+A plain transcription of docs/design.md "The method", steps 2-7, with the constant rule
+of "Constant parameters and normalization statistics", and the whole trajectory matrix
+in memory. It is deliberately simple: no streaming, no torch, no store.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ def abs_corr(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     return out
 
 
+EPS32 = 2.0**-23
+
+
+def constant(X: np.ndarray) -> np.ndarray:
+    """Rows constant up to float32 rounding: max - min <= 4 eps32 max(|max|, |min|) (N,).
+
+    The rule of DESIGN "Constant parameters and normalization statistics"; rows holding
+    NaN or Inf are not constant.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    hi, lo = X.max(axis=1), X.min(axis=1)
+    scale = np.maximum(np.abs(hi), np.abs(lo))
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(hi) & np.isfinite(lo) & (hi - lo <= 4 * EPS32 * scale)
+
+
 def cluster(
     traj_samples: np.ndarray,
     *,
@@ -39,11 +56,26 @@ def cluster(
     """Steps 2-4 on the sampled trajectories (K, T).
 
     Returns (sample_labels (K,), ref_rows (M,)): the mode of each sample (0 = largest
-    mode) and the row of each mode's reference within the samples.
+    mode, -1 = constant, left out) and the row of each mode's reference within the
+    samples. Only the non-constant samples are clustered, into at most their number.
     """
     if (n_modes is None) == (threshold is None):
         raise ValueError("give exactly one of n_modes and threshold")
-    S = np.asarray(traj_samples, dtype=np.float64)
+    S_all = np.asarray(traj_samples, dtype=np.float64)
+    live = np.flatnonzero(~constant(S_all))
+    sub_labels, sub_refs = _cluster_live(S_all[live], n_modes, threshold)
+    labels = np.full(len(S_all), -1, dtype=np.int64)
+    labels[live] = sub_labels
+    return labels, live[sub_refs]
+
+
+def _cluster_live(
+    S: np.ndarray, n_modes: int | None, threshold: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    if n_modes is not None:
+        n_modes = min(n_modes, len(S))
+    if len(S) == 1:
+        return np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
     C = abs_corr(S, S)
     D = pdist(C)
     Z = linkage(D, "complete")
@@ -100,9 +132,13 @@ def fit(
 
     # Step 5: argmax picks the first maximum, so ties and all-zero rows -> mode 0 / lowest.
     labels = np.argmax(abs_corr(W, refs), axis=1).astype(np.int64)
+    const = constant(W)
+    labels[const] = 0
 
-    # Step 6.
+    # Step 6; a constant row is modelled exactly: a = 0, b = its mean.
     a, b = _affine(W, refs[labels])
+    a[const] = 0.0
+    b[const] = W[const].mean(axis=1)
 
     W_hat = a[:, None] * refs[labels] + b[:, None]
     norm = np.linalg.norm(W)
@@ -113,6 +149,8 @@ def fit(
         "b": b,
         "ref_index": ref_index,
         "rel_error": rel_error,
+        "constant": const,
+        "mode_sizes": np.bincount(labels[~const], minlength=len(ref_index)),
     }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("distributed")
 
@@ -54,14 +55,15 @@ def cluster() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A planted 4-mode store of 20 epochs, chunked into 7 column blocks, fitted locally
-    as ``local``."""
+    as ``local`` (device ``auto``, as the workers: the same kind of device, so the results
+    must agree bit for bit)."""
     root = tmp_path_factory.mktemp("dask")
     w, _, _ = planted(n_modeled(), 20, 4, seed=7, noise=0.02)
     write_run(root / "run", state_dicts(w))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cmdtool.store.trajectory, "CHUNK", CHUNK)
         ingest(root / "run", root / "s.zarr")
-    cmd(device="cpu").fit(root / "s.zarr", name="local")
+    cmd(device="auto").fit(root / "s.zarr", name="local")
     return root / "s.zarr"
 
 
@@ -96,7 +98,11 @@ def test_fit_on_the_cluster_equals_the_local_fit(store: Path, cluster: str) -> N
     assert model.store_.n_params // CHUNK >= 6
     _assert_same_fit(model, CMD.load(store, "local"))
     _assert_same_fit(CMD.load(store, "dask"), CMD.load(store, "local"))
-    assert model.summary_["device"] == "cpu"
+    # auto: each worker's GPU when it has one (this machine's), else its CPU
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    assert model.summary_["device"] == kind
+    assert CMD.load(store, "dask").summary_["device"] == kind
+    assert CMD.load(store, "local").summary_["device"].split(":")[0] == kind
     done = [d for d, _ in calls]
     assert done == sorted(done) and calls[-1] == (model.store_.n_params,) * 2
     assert _no_partials(store)
@@ -167,7 +173,7 @@ def test_usage_errors_before_any_connection(store: Path, monkeypatch: pytest.Mon
     assert tree_digest(store) == before
 
 
-def test_a_scheduler_without_workers_or_a_device_they_lack(store: Path, cluster: str) -> None:
+def test_a_scheduler_without_workers(store: Path, cluster: str) -> None:
     before = tree_digest(store)
     with (
         LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty,
@@ -176,13 +182,16 @@ def test_a_scheduler_without_workers_or_a_device_they_lack(store: Path, cluster:
     ):
         cmd(cluster=empty.scheduler_address).fit(store)
     assert tree_digest(store) == before
-    import torch
 
-    if not torch.cuda.is_available():
-        with pytest.raises(DeviceError, match=r"columns .* on worker tcp://.*no CUDA device"):
-            cmd(device="cuda", cluster=cluster).fit(store)
-        TrajectoryStore.open(store, mode="r+").close()  # a write still in flight is dropped
-        assert tree_digest(store) == before
+
+def test_a_device_the_workers_lack(store: Path, cluster: str) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the workers of this machine have a GPU: --device cuda works on them")
+    before = tree_digest(store)
+    with pytest.raises(DeviceError, match=r"columns .* on worker tcp://.*no CUDA device"):
+        cmd(device="cuda", cluster=cluster).fit(store)
+    TrajectoryStore.open(store, mode="r+").close()  # a write still in flight is dropped
+    assert tree_digest(store) == before
 
 
 def test_a_failing_task_publishes_nothing(
@@ -238,3 +247,67 @@ def test_a_worker_lost_mid_run_keeps_the_previous_result(
     assert "local" in TrajectoryStore.open(store).result_names()
     TrajectoryStore.open(store, mode="r+").close()  # a write still in flight is dropped here
     assert _no_partials(store)
+
+
+def _rebuilt(version: Path, store: Path) -> np.ndarray:
+    """(T, N) float32: every epoch rebuilt from the results group at ``version``, computed
+    here with plain zarr (``a * weights[t, ref_index][labels] + b``)."""
+    import zarr
+
+    g = zarr.open_group(version, mode="r")
+    w = np.asarray(zarr.open_array(store / "weights", mode="r")[:], dtype=np.float64)
+    labels = np.asarray(g["labels"][:], dtype=np.int64)
+    a, b = (np.asarray(g[k][:], dtype=np.float64) for k in ("a", "b"))
+    ref = w[:, np.asarray(g["ref_index"][:], dtype=np.int64)]
+    return (a * ref[:, labels] + b).astype(np.float32)
+
+
+def test_reconstruct_on_the_cluster_starts_again_when_republished_mid_run(
+    store: Path, cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers load the decomposition by name: they must use the version the client
+    pinned. A republish after the client loaded it, before the workers do, makes the run
+    start again, and every file comes from the new version."""
+    import shutil
+
+    import zarr
+    from safetensors.numpy import load_file
+
+    from cmdtool.reconstruction import EpochWriter
+
+    s = tmp_path / "s.zarr"
+    shutil.copytree(store, s)
+    CMD(2, n_samples=200, seed=0, device="cpu").fit(s, name="other")
+    old, new = _rebuilt(s / "local", s), _rebuilt(s / "other", s)
+    meta = zarr.open_group(s, mode="r").attrs["cmdtool"]
+    params = sorted(meta["params"], key=lambda p: p["offset"])  # type: ignore[index]
+    # normalization statistics have their own --stats treatment (issue 12), not a*r+b
+    cols = np.concatenate(
+        [np.arange(p["offset"], p["offset"] + int(np.prod(p["shape"]))) for p in params]
+    )
+    keep = np.concatenate(
+        [np.full(int(np.prod(p["shape"])), "running_" not in p["name"]) for p in params]
+    )
+    assert cols.tolist() == list(range(len(cols))) and 0 < keep.sum() < len(keep)
+    shipped: list[str | None] = []
+    getstate = EpochWriter.__getstate__
+
+    def ship(self: EpochWriter) -> dict[str, object]:
+        if not shipped:  # a decompose publishes a new 'local' as the tasks leave the client
+            with TrajectoryStore.open(s, mode="r+") as w:
+                group = w.begin_result("local")
+                shutil.copytree(s / "other", s / group.path, dirs_exist_ok=True)
+                w.publish_result("local")
+        shipped.append(self.generation)
+        return getstate(self)
+
+    monkeypatch.setattr(EpochWriter, "__getstate__", ship)
+    out = tmp_path / "out"
+    reconstruct(s, out, epochs="1:6", name="local", cluster=cluster)
+    assert len(set(shipped)) == 2  # the first run was refused by the workers, a second ran
+    assert sorted(f.name for f in out.iterdir()) == [f"epoch_{t}.safetensors" for t in range(1, 6)]
+    for t in range(5):
+        tensors = load_file(str(out / f"epoch_{t + 1}.safetensors"))
+        flat = np.concatenate([tensors[p["name"]].ravel() for p in params])
+        assert np.array_equal(flat[keep], new[t][keep]), t
+        assert not np.array_equal(flat[keep], old[t][keep]), t

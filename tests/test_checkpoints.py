@@ -302,8 +302,9 @@ def test_pattern(tmp_path: Path) -> None:
         discover(tmp_path, pattern="nope_*")
     with pytest.raises(UsageError):
         discover(tmp_path, pattern="sub/*.pt")
-    # without a pattern, the unnumbered file stops discovery with a hint
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*--pattern"):
+    # without a pattern, the unnumbered model.safetensors is skipped (a notice, see
+    # test_checkpoints_discover.py) and the two files of each epoch stop discovery
+    with pytest.raises(CheckpointError, match=r"ema_1\.pt and epoch_1.*--pattern"):
         discover(tmp_path)
 
 
@@ -358,7 +359,8 @@ def test_duplicate_labels(tmp_path: Path) -> None:
 
 
 def test_name_without_number(tmp_path: Path) -> None:
-    save_file(sd(), str(tmp_path / "epoch_1.safetensors"))
+    # alone (no numbered checkpoint beside it) an unnumbered file cannot be ordered;
+    # beside numbered ones it is skipped with a notice (test_checkpoints_discover.py)
     save_file(sd(), str(tmp_path / "final.safetensors"))
     with pytest.raises(CheckpointError, match=r"cannot tell which epoch final\.safetensors"):
         discover(tmp_path)
@@ -955,3 +957,59 @@ def test_hf_index_shard_name_too_long(tmp_path: Path) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="shard index"):
         discover(tmp_path)
+
+
+# -------------------------------------------------- symlinks and foreign bytes (issue 11)
+
+
+def test_symlinked_shard_outside_its_folder_is_exit_4_naming_the_link(tmp_path: Path) -> None:
+    # guards: discover._refuse_outside_link
+    from tests.test_checkpoints_torchscan import cmdtool, one_line_error
+
+    secret = tmp_path / "elsewhere" / "credentials.txt"
+    secret.parent.mkdir()
+    secret.write_bytes(b"SECRET-TOKEN-1234 aws_secret_access_key=abcd\n" * 8)
+    source, store = tmp_path / "run", tmp_path / "store.zarr"
+    folder = source / "checkpoint-1"
+    folder.mkdir(parents=True)
+    shard1, shard2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file({"x": torch.ones(2)}, str(folder / shard1))
+    (folder / shard2).symlink_to(secret)
+    index = {"weight_map": {"x": shard1, "z": shard2}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    r = cmdtool("ingest", source, store)
+    assert r.returncode == 4, r.stderr
+    message = one_line_error(r)
+    link = folder / shard2
+    assert f"{link} is a symbolic link to a file outside its checkpoint folder" in message
+    assert "SECRET" not in r.stderr and "credentials" not in r.stderr
+    assert not store.exists()
+
+    # a link that stays inside the folder is an ordinary shard
+    (folder / shard2).unlink()
+    save_file({"z": torch.full((3,), 7.0)}, str(folder / "real.safetensors"))
+    (folder / shard2).symlink_to(folder / "real.safetensors")
+    (entry,) = discover(source)
+    with open_checkpoint(entry) as ckpt:
+        assert ckpt["z"].tolist() == [7.0, 7.0, 7.0]
+
+
+def test_non_checkpoint_files_never_show_their_bytes(tmp_path: Path) -> None:
+    # guards: safetensors._read_safetensors_header (no header length, no codec text)
+    secret = b"SECRET-TOKEN-1234 root:x:0:0:/root:/bin/sh\n" * 8
+    length = str(int.from_bytes(secret[:8], "little"))
+    for i, (name, content) in enumerate(
+        (
+            ("epoch_1.safetensors", secret),
+            ("epoch_1.safetensors", (8).to_bytes(8, "little") + b"\xffSECRET!"),
+            ("epoch_1.pt", secret),
+        )
+    ):
+        run = tmp_path / str(i)
+        run.mkdir()
+        (run / name).write_bytes(content)
+        (entry,) = discover(run)
+        with pytest.raises(CheckpointError) as info:  # the CLI prints this one line
+            open_checkpoint(entry)
+        message = str(info.value)
+        assert "SECRET" not in message and length not in message and "0xff" not in message

@@ -1,14 +1,20 @@
 """The command line end to end: real processes, exit codes, one-line errors, --json."""
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import zarr
 from safetensors.torch import load_file
 
+from cmdtool.ingestion import ingest
+from tests import cmd_reference as ref
 from tests.conftest import LAYOUT, n_modeled, planted, run_cli, state_dicts, tree_digest, write_run
 
 cli = run_cli
@@ -69,8 +75,21 @@ def test_pt_format_via_cli(run_dir, tmp_path):
     assert cli("decompose", store, "--samples", "200").returncode == 0
     r = cli("reconstruct", store, tmp_path / "o", "--format", "pt", "--epochs", "last")
     assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["epoch_8.pt"]
     sd = torch.load(tmp_path / "o" / "epoch_8.pt", weights_only=True)
-    assert sd["fc.weight"].shape == (40, 64)
+    src = load_file(run_dir / "epoch_8.safetensors")
+    assert set(sd) == set(src)
+    for name, tensor in src.items():
+        assert sd[name].shape == tensor.shape and sd[name].dtype == tensor.dtype, name
+    assert sd["bn.num_batches_tracked"].item() == 800  # copied from epoch 8
+    # values: a * r(8) + b from the stored model, read with plain zarr; r from the sources
+    g = zarr.open_group(store, mode="r")
+    model = {k: np.asarray(g[f"cmd/{k}"][:]) for k in ("labels", "a", "b", "ref_index")}
+    params = sorted(g.attrs["cmdtool"]["params"], key=lambda p: p["offset"])
+    w8 = np.concatenate([src[p["name"]].reshape(-1).numpy() for p in params])
+    want = ref.reconstruct(w8[:, None], **model)[:, 0].astype(np.float32)
+    got = np.concatenate([sd[p["name"]].reshape(-1).numpy() for p in params])
+    assert np.array_equal(got, want)
 
 
 def _one_line_error(r, code: int, *needles: str) -> None:
@@ -137,8 +156,88 @@ def test_mismatched_checkpoint_and_unwritable_store(run_dir, tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    r = cli("--debug", "info", tmp_path / "missing.zarr")
-    assert r.returncode != 0 and "Traceback" in r.stderr
+    # guards: handle_errors re-raising under --debug (the same error, with its traceback)
+    missing = tmp_path / "missing.zarr"
+    plain = cli("info", missing)
+    _one_line_error(plain, 3, "store not found", "missing.zarr")
+    r = cli("--debug", "info", missing)
+    lines = r.stderr.strip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):", r.stderr
+    assert f"cmdtool.errors.StoreNotFoundError: store not found: {missing}" in lines
+    assert 'cmdtool/store/trajectory.py", line' in r.stderr  # where it was raised
+    # then the same one line and the same exit code as without --debug
+    assert lines[-1] == plain.stderr.strip() and r.returncode == 3
+
+
+def _with_planted_bug(tmp_path: Path) -> dict[str, str]:
+    """An environment whose interpreters start with a bug planted in the library:
+    ``TrajectoryStore.open`` raises a plain RuntimeError (no library file is edited)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "from cmdtool.store import trajectory\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise RuntimeError('planted bug: list index out of range')\n"
+        "trajectory.TrajectoryStore.open = classmethod(broken)\n"
+    )
+    return {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(site)}
+
+
+def test_internal_error_is_exit_1_through_the_console_script(run_dir, tmp_path):
+    # guards: handle_errors' last branch (any other exception: one line, exit 1)
+    store = tmp_path / "s.zarr"
+    ingest(run_dir, store)
+    exe = Path(sys.executable).with_name("cmdtool")
+    env = _with_planted_bug(tmp_path)
+    before = tree_digest(store)
+    r = subprocess.run(
+        [str(exe), "decompose", str(store)], capture_output=True, text=True, env=env, timeout=300
+    )
+    _one_line_error(r, 1, "internal error: RuntimeError: planted bug", "--debug")
+    r = subprocess.run(
+        [str(exe), "--debug", "info", str(store)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 1 and r.stderr.startswith("Traceback (most recent call last):")
+    assert r.stderr.strip().splitlines()[-1] == "RuntimeError: planted bug: list index out of range"
+    assert tree_digest(store) == before
+
+
+def _bad_epoch(run: Path, kind: str, sd: dict[str, torch.Tensor]) -> tuple[Path, list[str]]:
+    """Write epoch 5 of ``run`` as a bad checkpoint; return its path and what the error
+    line must name."""
+    if kind == "nan":
+        sd = {k: v.clone() for k, v in sd.items()}
+        sd["fc.bias"][7] = float("nan")
+        (path,) = write_run(run, [sd], labels=[5])
+        return path, [path.name, "'fc.bias'", "NaN"]
+    if kind == "truncated":
+        (path,) = write_run(run, [sd], labels=[5])
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 100])
+        return path, [path.name]
+    # unsafe: a pickled object beside the tensors needs code to be loaded
+    path = run / "epoch_5.pt"
+    torch.save({**sd, "args": argparse.Namespace(lr=0.1)}, path)
+    return path, [path.name, "argparse.Namespace", "--allow-global"]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "unsafe", "nan"])
+def test_bad_checkpoint_is_exit_4_and_the_store_as_it_was(tmp_path, kind):
+    # guards: CheckpointError / UnsafeCheckpointError / NonFiniteError -> exit 4 with one
+    # line naming the file, and ingest's rollback of the good epoch appended before it
+    w, _, _ = planted(n_modeled(), 5, 2, seed=2)
+    sds = state_dicts(w)
+    suffix = ".pt" if kind == "unsafe" else ".safetensors"
+    run = tmp_path / "run"
+    write_run(run, sds[:3], name=lambda e: f"epoch_{e}{suffix}")
+    store = tmp_path / "s.zarr"
+    ingest(run, store)
+    before = tree_digest(store)
+    write_run(run, sds[3:4], name=lambda e: f"epoch_{e}{suffix}", labels=[4])  # a good one
+    _, needles = _bad_epoch(run, kind, sds[4])
+    _one_line_error(cli("ingest", run, store), 4, *needles)
+    assert tree_digest(store) == before
 
 
 def test_console_script_and_version():

@@ -47,6 +47,7 @@ def source(tmp_path_factory):
     write_run(base / "run", sds)
     r = runner("count", 0, "ingest", base / "first", base / "store")
     assert r.returncode == 0, r.stderr
+    assert zarr.open_group(base / "store", mode="r")["weights"].chunks == (1, CHUNK)
     r = runner("count", 0, "ingest", base / "run", base / "full")
     total = int(r.stderr.strip().rsplit("writes=", 1)[1])
     return base, sds, total
@@ -131,8 +132,9 @@ def test_io_error_on_every_write_leaves_store_as_it_was(source, tmp_path, monkey
     n = 0
     nospace = OSError(errno.ENOSPC, "No space left on device")
     for n in _each_write_failing(monkeypatch, nospace, lambda: ingest(base / "run", store)):
-        if _rows_match_sources(store, sds) == 2:
-            assert tree_digest(store) == before, n
+        # a failing call never keeps an epoch: the store is byte for byte as it was
+        assert tree_digest(store) == before, n
+        assert _rows_match_sources(store, sds) == 2, n
     assert n > 10
     assert _rows_match_sources(store, sds) == EPOCHS
 
@@ -241,3 +243,46 @@ def test_io_error_on_every_result_write_keeps_the_previous_result(source, tmp_pa
         TrajectoryStore.open(store, mode="r+").close()
         assert not list(store.glob(".partial-*"))
     assert n > 5 and CMD.load(store).n_modes_ == 3
+
+
+def test_sigkill_at_every_write_of_store_creation_then_ingest_resumes(
+    source, tmp_path, monkeypatch
+):
+    # guards: TrajectoryStore.create building the store under a hidden name and renaming
+    # it into place, and cleanup.remove_abandoned_creations (issue 11)
+    from cmdtool.ingestion import create_store
+    from cmdtool.store.cleanup import CREATING
+
+    base, _, _ = source
+    reference = tree_digest(base / "store")  # `ingest first store`, never interrupted
+    with TrajectoryStore.open(base / "store") as st:
+        params, extras = st.params, st.extras
+    original = zarr.storage.LocalStore.set
+    writes = {"n": 0}
+
+    async def counting_set(self, key, value):
+        writes["n"] += 1
+        await original(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", counting_set)
+    create_store(tmp_path / "count", params, extras).close()
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", original)
+    creation = writes["n"]
+    assert creation >= 5
+    monkeypatch.setattr("cmdtool.store.trajectory.CHUNK", CHUNK)  # as the runner's
+    for k in range(1, creation + 2):  # every write of creation, then the first after it
+        target = tmp_path / f"s{k}"
+        r = runner("kill", k, "ingest", base / "first", target)
+        assert r.returncode == -9, (k, r.stderr)
+        hidden = list(tmp_path.glob(f".s{k}{CREATING}*"))
+        if k <= creation:  # killed while building: nothing at the path, one hidden folder
+            assert not target.exists() and len(hidden) == 1, (k, hidden)
+        else:  # killed after the rename: a complete store with no epoch yet
+            assert not hidden and TrajectoryStore.open(target).n_epochs == 0
+        if k in (1, creation + 1):  # the command line (the runner, without a fault)
+            r = runner("count", 0, "ingest", base / "first", target)
+            assert r.returncode == 0, (k, r.stderr)
+        else:
+            ingest(base / "first", target)
+        assert tree_digest(target) == reference, k  # bit-identical to an uninterrupted run
+        assert not list(tmp_path.glob(f".s{k}{CREATING}*")), k

@@ -80,10 +80,18 @@ def test_window_and_stride(planted_store):
 
 
 def test_threshold_cut(planted_store):
-    store, w, _ = planted_store
+    # guards: the threshold branch of clustering (cut at t x the largest pairwise distance)
+    store, w, groups = planted_store
     model = CMD(None, threshold=0.5, n_samples=300).fit(store)
-    _, ref_rows = ref.cluster(w[model.sample_index_], threshold=0.5)
-    assert model.n_modes_ == len(ref_rows)
+    oracle = ref.fit(w, model.sample_index_, threshold=0.5)
+    assert model.n_modes_ == len(oracle["ref_index"])
+    assert np.array_equal(model.ref_index_, oracle["ref_index"])  # the same modes
+    assert np.mean(model.labels_ == oracle["labels"]) >= 0.999
+    assert np.allclose(model.a_, oracle["a"], rtol=1e-5, atol=1e-6)
+    assert abs(model.relative_error_ - oracle["rel_error"]) <= 0.01 * oracle["rel_error"]
+    # a finer cut separates the 4 planted groups (two of them share a mode at 0.5)
+    fine = CMD(None, threshold=0.3, n_samples=300).fit(store)
+    assert fine.n_modes_ == 4 and _purity(fine.labels_, groups) >= 0.99
 
 
 def test_constant_trajectories(tmp_path):
@@ -181,3 +189,53 @@ def _sizes(store):
         int(np.prod(p["shape"]))
         for p in zarr.open_group(store, mode="r").attrs["cmdtool"]["params"]
     ]
+
+
+def test_planted_modes_with_fifteen_percent_constant_parameters(tmp_path):
+    # guards: clustering.find_modes (constants left out of steps 2-4), kernels.fit_block
+    # (constant_columns: a = 0, b = the value, slot M of the totals) and the oracle rule
+    import torch
+
+    from cmdtool.reconstruction import rebuild_state
+
+    n = n_modeled()
+    w, groups, _ = planted(n, 20, 4, seed=11, noise=0.02)
+    rng = np.random.default_rng(5)
+    const = np.zeros(n, dtype=bool)
+    const[rng.choice(n, size=int(0.15 * n), replace=False)] = True
+    w[const] = rng.normal(size=(int(const.sum()), 1))  # exactly constant
+    wobble = np.flatnonzero(~const)[:10]  # rounding level: 1.5 + {0, 1, 2} ulp
+    w[wobble] = 1.5 + 2.0**-23 * (np.arange(20) % 3)
+    const[wobble] = True
+    exact = const.copy()
+    exact[wobble] = False
+    write_run(tmp_path / "run", state_dicts(w))
+    store = tmp_path / "s.zarr"
+    ingest(tmp_path / "run", store)
+    params = store_params(store)
+    w32 = to_store_order(w.astype(np.float32).astype(np.float64), params)
+    groups, const, exact = (to_store_order(x, params) for x in (groups, const, exact))
+
+    model = CMD(4, n_samples=500, seed=2).fit(store)
+    assert model.n_modes_ == 4 and min(model.mode_sizes_) > 0
+    assert model.n_constant_ == const.sum() and model.mode_sizes_.sum() == (~const).sum()
+    assert np.array_equal(model.constant_, const)
+    assert not const[model.ref_index_].any()
+    assert _purity(model.labels_[~const], groups[~const]) >= 0.99
+    oracle = ref.fit(w32, model.sample_index_, n_modes=4)
+    assert np.array_equal(oracle["constant"], const)
+    assert np.array_equal(model.ref_index_, oracle["ref_index"])
+    assert np.array_equal(model.mode_sizes_, oracle["mode_sizes"])
+    assert np.allclose(model.a_, oracle["a"], rtol=1e-6, atol=1e-6)
+    # b = mean - a * mean(r): a's float32 rounding times |mean(r)| (up to ~10 here)
+    assert np.allclose(model.b_, oracle["b"], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(model.b_[exact], w32[exact, 0].astype(np.float32))
+    assert np.all(model.a_[const] == 0)
+    for label in (1, 20):
+        state = rebuild_state(model, label)
+        ordered = sorted(params, key=lambda d: d["offset"])
+        flat = np.concatenate([state[p["name"]].reshape(-1).numpy() for p in ordered])
+        assert np.array_equal(flat[exact], w32[exact, label - 1].astype(np.float32))
+    attrs = zarr.open_group(store / "cmd", mode="r").attrs["cmdtool_result"]
+    assert attrs["constant"] == const.sum() and "max - min" in attrs["constant_rule"]
+    assert torch.is_tensor(state[params[0]["name"]])

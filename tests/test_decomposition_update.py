@@ -95,6 +95,8 @@ class ReadSpy:
 def test_update_equals_batch_fit_and_reads_only_new_rows(run, monkeypatch):
     store, later, _ = run
     before = CMD.load(store)
+    # a loaded model refuses to read a version republished after it was loaded
+    before_labels = before.labels_
     ingest(later, store)
     spy = ReadSpy(monkeypatch)
     summary = update(store)
@@ -112,7 +114,7 @@ def test_update_equals_batch_fit_and_reads_only_new_rows(run, monkeypatch):
     assert _close(after.a_, a) and _close(after.b_, b)
     assert abs(after.relative_error_ - rel) <= 1e-4 * rel
     # modes, references and labels are those of the first fit
-    assert np.array_equal(after.labels_, before.labels_)
+    assert np.array_equal(after.labels_, before_labels)
     assert np.array_equal(after.ref_index_, before.ref_index_)
     assert after.summary_["epochs"] == list(range(1, 31))
     assert after.summary_["rows"] == list(range(T))
@@ -182,8 +184,9 @@ def test_partial_fit_fits_first_then_folds(tmp_path, monkeypatch):
 
 
 def test_constant_reference_and_constant_parameters(tmp_path):
-    # a mode whose reference stays constant over the first window and then moves: the
-    # update must treat it as a batch fit over the longer window would (a != 0 after)
+    # parameters constant over the first window that move later: they are in no mode
+    # (never a reference, so no mode has a constant reference), and the update keeps them
+    # in the constant class: a = 0, b = their mean over the longer window
     n = n_modeled()
     rng = np.random.default_rng(0)
     w = np.repeat(rng.normal(size=(n, 1)), 12, axis=1)  # every parameter constant...
@@ -199,7 +202,12 @@ def test_constant_reference_and_constant_parameters(tmp_path):
     a, b, _ = _oracle(store, np.arange(12))
     model = CMD.load(store)
     assert np.all(np.isfinite(model.a_))
-    assert _close(model.a_, a) and _close(model.b_, b)
+    w_all = _weights(store)
+    const = ref.constant(w_all[:, :6])  # the oracle's own rule, on the first window
+    assert const.sum() == n - n // 2 and np.array_equal(model.constant_, const)
+    assert _close(model.a_[~const], a[~const]) and _close(model.b_[~const], b[~const])
+    assert np.all(model.a_[const] == 0)
+    assert _close(model.b_[const], w_all[const].mean(axis=1))
 
 
 def test_bad_input_changes_nothing(run):
@@ -273,3 +281,28 @@ def test_killed_update_leaves_old_or_new_decomposition(run, kill_at):
     a, b, _ = _oracle(store, np.arange(T))
     model = CMD.load(store)
     assert _close(model.a_, a) and _close(model.b_, b)
+
+
+def test_update_keeps_constant_parameters_exact(tmp_path):
+    # guards: running.coefficients(constant=...) and update._fold's constant mask
+    w, _, _ = planted(600, 14, 2, seed=4, noise=0.02)
+    w[:90] = 0.3  # constant over the whole run
+    w[90:100, 10:] += 1.0  # constant over the first window only, then moving
+    w[90:100, :10] = -2.0
+    sds = state_dicts(w, [("p", (600,), torch.float32)])
+    write_run(tmp_path / "first", sds[:10])
+    write_run(tmp_path / "all", sds)
+    store = tmp_path / "s.zarr"
+    ingest(tmp_path / "first", store)
+    CMD(2, n_samples=600).fit(store)
+    ingest(tmp_path / "all", store)
+    update(store)
+    model = CMD.load(store)
+    assert model.n_constant_ == 100 and model.mode_sizes_.sum() == 500
+    assert np.all(model.a_[:100] == 0)
+    assert np.all(model.b_[:90] == np.float32(0.3))  # bit for bit
+    # the ten that moved after the window: still in no mode, b = their mean over all 14
+    w32 = w.astype(np.float32).astype(np.float64)
+    assert np.allclose(model.b_[90:100], w32[90:100].mean(axis=1), rtol=1e-6)
+    oracle = ref.fit(w32[:, :10], np.arange(600), n_modes=2)
+    assert np.array_equal(oracle["constant"][:100], np.ones(100, dtype=bool))

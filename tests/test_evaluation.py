@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -13,7 +14,8 @@ from typer.testing import CliRunner
 from cmdtool.cli import app
 from cmdtool.decomposition import CMD
 from cmdtool.ingestion import ingest
-from tests.conftest import SAMPLE, run_cli, tree_digest
+from tests import cmd_reference as ref
+from tests.conftest import SAMPLE, run_cli, store_params, to_store_order, tree_digest
 
 DIGITS = f"{SAMPLE / 'digits_cnn.py'}:evaluate"
 
@@ -140,7 +142,9 @@ def test_bad_targets_exit_9_and_store_unchanged(planted_store, tmp_path):
     assert tree_digest(store) == before
 
 
-def test_sweep_errors_and_no_leftover_groups(planted_store, tmp_path):
+def test_sweep_errors_and_no_leftover_groups(planted_store, planted_run, tmp_path):
+    # guards: sweep's fits (decomposition cmd's samples, seed and window) and the figures
+    # it records, checked against the float64 oracle on the source values
     store, _ = planted_store
     r = cli("sweep", store, "--modes", "1,2,5", "--json")
     assert r.returncode == 0, r.stderr
@@ -149,7 +153,17 @@ def test_sweep_errors_and_no_leftover_groups(planted_store, tmp_path):
     assert stored == printed
     assert stored["modes"] == [1, 2, 5] and len(stored["relative_error"]) == 3
     assert len(stored["n_modes_found"]) == 3 and stored["epoch"] == 12
-    assert stored["relative_error"][2] <= stored["relative_error"][0]
+    assert stored["samples"] == 200 and stored["seed"] == 0
+    _, w, _ = planted_run
+    w = to_store_order(w.astype(np.float32).astype(np.float64), store_params(store))
+    samples = zarr.open_group(store / "cmd", mode="r")["sample_index"][:]  # K = 200, seed 0
+    for i, m in enumerate([1, 2, 5]):
+        oracle = ref.fit(w, samples, n_modes=m)
+        sizes = np.bincount(oracle["labels"], minlength=len(oracle["ref_index"]))
+        assert stored["n_modes_found"][i] == len(oracle["ref_index"]), m
+        # parameters between two near-identical modes may flip (5 of 3224 at M = 5)
+        assert np.abs(np.array(stored["mode_sizes"][i]) - sizes).sum() <= 0.005 * len(w), m
+        assert stored["relative_error"][i] == pytest.approx(oracle["rel_error"], rel=1e-3), m
     groups = sorted(p.name for p in store.iterdir() if p.is_dir())
     assert groups == ["cmd", "extras", "pool", "pool_index", "weights"]
 

@@ -7,12 +7,19 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from cmdtool.errors import CheckpointError, MismatchError, NonFiniteError, SourceNotFoundError
+from cmdtool.errors import (
+    CheckpointError,
+    MismatchError,
+    NonFiniteError,
+    SourceNotFoundError,
+    UsageError,
+)
 from cmdtool.ingestion import ingest
 from cmdtool.store import TrajectoryStore
 from tests.conftest import (
+    LAYOUT,
     n_modeled,
     planted,
     state_dicts,
@@ -198,11 +205,19 @@ def test_missing_and_empty_sources(tmp_path):
 def test_older_epoch_after_newer_is_refused(tmp_path, traj):
     run = tmp_path / "run"
     sds = state_dicts(traj)
+    # guards: the append-only check in ingest (before anything is written)
     write_run(run, sds[2:], labels=[3, 4, 5])
-    ingest(run, tmp_path / "s.zarr")
-    write_run(run, sds[:1], labels=[1])
-    with pytest.raises(Exception, match=r"epoch 1 is older than the store's last epoch 5"):
-        ingest(run, tmp_path / "s.zarr")
+    store = tmp_path / "s.zarr"
+    ingest(run, store)
+    before = tree_digest(store)
+    write_run(run, sds[:2], labels=[1, 2])
+    write_run(run, [state_dicts(traj + 1.0)[0]], labels=[6])  # a newer one in the same call
+    with pytest.raises(
+        UsageError, match=r"^epoch_1\.safetensors: epoch 1 is older than the store's last epoch 5"
+    ):
+        ingest(run, store)
+    assert tree_digest(store) == before
+    _check_rows(store, traj[:, 2:], [3, 4, 5])
 
 
 def test_checkpoint_changed_after_commit_is_reported_not_reread(tmp_path, traj):
@@ -253,3 +268,96 @@ def test_bad_epoch_rolls_back_the_whole_call(tmp_path, traj):
     with pytest.raises(NonFiniteError):
         ingest(tmp_path / "run", tmp_path / "new.zarr")
     assert not (tmp_path / "new.zarr").exists()
+
+
+def _flat_rows(sds, layout=LAYOUT) -> np.ndarray:
+    """(N, T) float64: the floating tensors of each state dict in layout order, as float32."""
+    cols = [
+        np.concatenate(
+            [sd[name].to(torch.float32).reshape(-1).numpy() for name, _, dt in layout
+             if dt.is_floating_point]
+        )
+        for sd in sds
+    ]  # fmt: skip
+    return np.stack(cols, axis=1).astype(np.float64)
+
+
+def test_dtype_changing_between_epochs_is_recorded_per_epoch(tmp_path, traj):
+    # guards: the per-epoch `dtypes` record in ingest._append and raw_state's cast back to
+    # each epoch's own dtype
+    from cmdtool.reconstruction import reconstruct
+
+    sds = state_dicts(traj)
+    for sd in sds[2:]:  # saved in mixed precision from epoch 3 on
+        sd["fc.weight"] = sd["fc.weight"].to(torch.bfloat16)
+        sd["conv.bias"] = sd["conv.bias"].to(torch.float16)
+    run = tmp_path / "run"
+    write_run(run, sds)
+    store = tmp_path / "s.zarr"
+    ingest(run, store)
+    meta = zarr.open_group(store, mode="r").attrs["cmdtool"]
+    dtypes = {p["name"]: p["dtype"] for p in meta["params"]}
+    assert dtypes["fc.weight"] == "float32" and dtypes["conv.bias"] == "float32"  # epoch 1's
+    changed = {"fc.weight": "bfloat16", "conv.bias": "float16"}
+    assert [e.get("dtypes") or {} for e in meta["epochs"]] == [{}, {}] + [changed] * 3
+    _check_rows(store, _flat_rows(sds), [1, 2, 3, 4, 5])  # the values as each epoch held them
+    reconstruct(store, tmp_path / "out", epochs="all", raw=True)
+    for t, sd in enumerate(sds):
+        got = load_file(tmp_path / "out" / f"epoch_{t + 1}.safetensors")
+        for name, tensor in sd.items():
+            assert got[name].dtype == tensor.dtype, (t, name)
+            same = got[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)
+            assert torch.equal(*same), (t, name)
+
+
+def _fp8_values(bits: np.ndarray, exponent: int, mantissa: int) -> np.ndarray:
+    """Decode fp8 bit patterns (uint8) by the format's definition: sign, ``exponent`` bits
+    with bias 2^(exponent-1) - 1, ``mantissa`` bits, subnormals at exponent 0."""
+    bias = 2 ** (exponent - 1) - 1
+    sign = np.where(bits >> 7, -1.0, 1.0)
+    e = (bits.astype(np.int64) >> mantissa) & (2**exponent - 1)
+    m = (bits & (2**mantissa - 1)).astype(np.float64) / 2**mantissa
+    return sign * np.where(e == 0, m * 2.0 ** (1 - bias), (1 + m) * 2.0 ** (e - bias))
+
+
+def test_fp8_checkpoints_ingest_exactly_and_come_back_bit_for_bit(tmp_path):
+    # guards: the safetensors F8_E4M3 / F8_E5M2 dtypes, ingest's float32 conversion and
+    # raw_state's cast back to fp8
+    from cmdtool.reconstruction import reconstruct
+
+    every = np.arange(256, dtype=np.uint8)
+    e4m3 = every[(every & 0x7F) != 0x7F]  # all but the two NaNs (float8_e4m3fn: no Inf)
+    e5m2 = every[(every & 0x7C) != 0x7C]  # all but Inf and NaN (exponent all ones)
+    sds = []
+    for t in range(4):  # each epoch a different permutation of every finite value
+        q, k = np.roll(e4m3, 17 * t), np.roll(e5m2, 29 * t)
+        sds.append(
+            {
+                "q.weight": torch.from_numpy(q.copy()).view(torch.float8_e4m3fn),
+                "k.weight": torch.from_numpy(k.copy()).view(torch.float8_e5m2),
+                "scale": torch.tensor([1.0, 2.0, 3.0]) * (t + 1),
+            }
+        )
+    run = tmp_path / "run"
+    write_run(run, sds)
+    store = tmp_path / "s.zarr"
+    ingest(run, store)
+    g = zarr.open_group(store, mode="r")
+    params = {p["name"]: p for p in g.attrs["cmdtool"]["params"]}
+    assert params["q.weight"]["dtype"] == "float8_e4m3fn"
+    assert params["k.weight"]["dtype"] == "float8_e5m2"
+    weights = g["weights"][:]
+    for t, sd in enumerate(sds):
+        for name, (exponent, mantissa) in (("q.weight", (4, 3)), ("k.weight", (5, 2))):
+            p = params[name]
+            stored = weights[t, p["offset"] : p["offset"] + p["shape"][0]]
+            want = _fp8_values(sd[name].view(torch.uint8).numpy(), exponent, mantissa)
+            assert np.array_equal(stored, want.astype(np.float32)), (t, name)
+            assert np.array_equal(np.signbit(stored), np.signbit(want)), (t, name)  # -0.0
+    reconstruct(store, tmp_path / "out", epochs="all", raw=True)
+    for t, sd in enumerate(sds):
+        got = load_file(tmp_path / "out" / f"epoch_{t + 1}.safetensors")
+        for name, tensor in sd.items():
+            assert got[name].dtype == tensor.dtype, (t, name)
+            same = got[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)
+            assert torch.equal(*same), (t, name)

@@ -25,6 +25,7 @@ STAGES = {
     "backends": 3,
     "decomposition": 4,
     "reconstruction": 5,
+    "baselines": 5,
     "evaluation": 6,
     "report": 6,
     "online": 7,

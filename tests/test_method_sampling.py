@@ -36,9 +36,27 @@ def test_samples_unique_sorted_seeded_and_per_tensor():
 
 
 def test_uniform_when_few_samples_per_tensor():
+    # guards: the K/2 <= L switch to uniform sampling in sample_indices
     sizes = [3] * 40  # K/2 = 20 <= L = 40
     idx = sample_indices(sizes, 40, seed=0)
     assert len(np.unique(idx)) == 40 and idx.max() < 120
+    # one large tensor and 39 single values, K = 2L = 80: the per-tensor rule would give
+    # every tensor min(size, K // 2L) = 1 sample, so all 39 singles; uniform sampling over
+    # N = 1039 hits each single with probability K / N = 7.7%, about 3 of them per draw
+    sizes = [1000] + [1] * 39
+    n, k, draws = sum(sizes), 80, 200
+    hits = np.zeros(n, dtype=np.int64)
+    for seed in range(draws):
+        idx = sample_indices(sizes, k, seed=seed)
+        assert len(np.unique(idx)) == k and np.all(np.diff(idx) > 0) and idx.max() < n
+        assert (idx >= 1000).sum() < 20, seed  # far from all 39 singles
+        hits[idx] += 1
+    # every column equally likely: the singles' share of all draws is 39 / N (binomial,
+    # mean 600.6, sd 24: within 5 sd), and so is any block of 100 columns of the big tensor
+    expected = draws * k / n
+    assert abs(hits[1000:].sum() - 39 * expected) < 5 * np.sqrt(39 * expected)
+    blocks = hits[:1000].reshape(10, 100).sum(axis=1)
+    assert np.all(np.abs(blocks - 100 * expected) < 5 * np.sqrt(100 * expected)), blocks
 
 
 def test_k_equal_n_takes_everything_and_k_over_n_is_refused():

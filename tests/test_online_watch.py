@@ -401,3 +401,237 @@ def test_check_file_torch_zip_truncated_is_incomplete_pickle_has_no_verdict(tmp_
     legacy = tmp_path / "legacy.pt"
     torch.save(_sd(), legacy, _use_new_zipfile_serialization=False)
     assert check_file(legacy).complete is None  # only the settle rule can tell
+
+
+# ------------------------------------------- complete files, changes after ingest (issue 11)
+
+
+def _labels_in(store: Path) -> list[int]:
+    """The store's committed labels, read with plain zarr ([] before it exists)."""
+    try:
+        return [e["label"] for e in zarr.open_group(store, mode="r").attrs["cmdtool"]["epochs"]]
+    except Exception:  # not created yet
+        return []
+
+
+def _wait_for(what: str, ok, watcher: subprocess.Popen[str] | None, limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while not ok():
+        assert watcher is None or watcher.poll() is None, f"the watcher exited before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _preallocate(staging: Path, dest: Path, label: int) -> bytes:
+    """Write a safetensors file as a pre-allocating writer does: the header, then the full
+    size in zeros; the data comes later (:func:`_fill`). Returns the finished bytes."""
+    data = (staging / _name(label)).read_bytes()
+    head = 8 + int.from_bytes(data[:8], "little")
+    with (dest / _name(label)).open("wb") as fh:
+        fh.write(data[:head])
+        fh.truncate(len(data))
+    return data
+
+
+def _fill(dest: Path, label: int, data: bytes) -> None:
+    head = 8 + int.from_bytes(data[:8], "little")
+    with (dest / _name(label)).open("r+b") as fh:
+        fh.seek(head)
+        fh.write(data[head:])
+
+
+def _row(store: Path, label: int) -> np.ndarray:
+    group = zarr.open_group(store, mode="r")
+    row = [e["label"] for e in group.attrs["cmdtool"]["epochs"]].index(label)
+    return np.asarray(group["weights"][row])
+
+
+def _expected_row(store: Path, path: Path) -> np.ndarray:
+    meta = zarr.open_group(store, mode="r").attrs["cmdtool"]
+    params = sorted(meta["params"], key=lambda p: p["offset"])
+    sd = load_file(path)
+    return np.concatenate([sd[p["name"]].reshape(-1).numpy() for p in params])
+
+
+def _reference_fit(tmp_path: Path, files: Path, window: str) -> dict[str, np.ndarray]:
+    """The decomposition of a clean copy of ``files`` (ingest, fit over ``window``, update):
+    what the watch must end with."""
+    from cmdtool.decomposition import CMD
+    from cmdtool.decomposition.update import update
+
+    clean = tmp_path / "reference.zarr"
+    ingest(files, clean, readers=0)
+    CMD(3, n_samples=300, seed=0, device="cpu", epochs=window).fit(clean)
+    update(clean, "cmd")
+    group = zarr.open_group(clean, mode="r")["cmd"]
+    return {k: np.asarray(group[k][:]) for k in ("labels", "a", "b")}
+
+
+def _assert_same_fit(store: Path, reference: dict[str, np.ndarray], epochs: list[int]) -> None:
+    group = zarr.open_group(store, mode="r")["cmd"]
+    assert group.attrs[RESULT_ATTR]["epochs"] == epochs
+    np.testing.assert_array_equal(np.asarray(group["labels"][:]), reference["labels"])
+    for key in ("a", "b"):
+        np.testing.assert_allclose(np.asarray(group[key][:]), reference[key], rtol=1e-5, atol=1e-6)
+
+
+def test_preallocated_files_are_ingested_complete_and_a_later_fill_is_noticed(run8, tmp_path):
+    # guards: sources.Settling (--settle), Watcher._recheck + _ingest_again (roll back, redo)
+    staging, _ = run8
+    source, store = tmp_path / "run", tmp_path / "store.zarr"
+    source.mkdir()
+    for k in (1, 2, 3):
+        shutil.copy(staging / _name(k), source / _name(k))
+    args = ["--warmup", "3", "--interval", "0.1", "--settle", "2", "--until-idle", "4", "--json"]
+    watcher = subprocess.Popen(
+        [*_cli(source, store, *args), *FIT_ARGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        decomposed = lambda: _labels_in(store) == [1, 2, 3] and (store / "cmd").exists()  # noqa: E731
+        _wait_for("epochs 1-3", decomposed, watcher)
+        # epoch 4: header written, data not yet; the writer stalls for 6 intervals, < --settle
+        data4 = _preallocate(staging, source, 4)
+        time.sleep(0.6)
+        assert _labels_in(store) == [1, 2, 3], "a pre-allocated file was ingested as zeros"
+        _fill(source, 4, data4)
+        _wait_for("epoch 4", lambda: _labels_in(store) == [1, 2, 3, 4], watcher)
+        np.testing.assert_array_equal(_row(store, 4), _expected_row(store, staging / _name(4)))
+        # epoch 5: the writer stalls for longer than --settle: ingested as zeros, then filled
+        data5 = _preallocate(staging, source, 5)
+        _wait_for("epoch 5", lambda: _labels_in(store) == [1, 2, 3, 4, 5], watcher)
+        assert not _row(store, 5).any()  # what a stall longer than --settle gives at first
+        _fill(source, 5, data5)
+        stdout, stderr = watcher.communicate(timeout=120)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0, stderr
+    assert "warning: epoch_5.safetensors changed after it was ingested as epoch 5" in stderr
+    assert "epoch 5 rolled back; ingesting epoch_5.safetensors again" in stderr
+    events = [json.loads(line) for line in stdout.splitlines()]
+    assert [e["label"] for e in events if e["type"] == "epoch"] == [1, 2, 3, 4, 5, 5]
+    assert _labels_in(store) == [1, 2, 3, 4, 5]
+    _check_store(store, staging, run8[1], [1, 2, 3, 4, 5])  # every row as in its file
+    _assert_same_fit(store, _reference_fit(tmp_path, source, "1:4"), [1, 2, 3, 4, 5])
+
+
+def test_older_renamed_and_changed_files_are_notices_and_watching_goes_on(run8, tmp_path):
+    # guards: Watcher._skip (older epoch, renamed file by sha256), Watcher._recheck (warning)
+    staging, w = run8
+    source, store = tmp_path / "run", tmp_path / "store.zarr"
+    source.mkdir()
+    for k in (1, 2, 3, 5):
+        shutil.copy(staging / _name(k), source / _name(k))
+    args = ["--warmup", "3", "--interval", "0.1", "--settle", "0.3", "--until-idle", "3"]
+    watcher = subprocess.Popen(
+        [*_cli(source, store, *args), *FIT_ARGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        _wait_for("epochs 1-5", lambda: _labels_in(store) == [1, 2, 3, 5], watcher)
+        shutil.copy(staging / _name(4), source / _name(4))  # late: older than epoch 5
+        os.replace(source / _name(5), source / "epoch_9.safetensors")  # renamed
+        shutil.copy(staging / _name(7), source / _name(2))  # epoch 2 rewritten
+        shutil.copy(staging / _name(6), source / _name(6))  # and training goes on
+        stdout, stderr = watcher.communicate(timeout=120)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0, stderr
+    assert (
+        "epoch_4.safetensors: epoch 4 is older than the store's last epoch 5; cmdtool only "
+        "appends, so it is not ingested" in stderr
+    )
+    assert (
+        "epoch_9.safetensors holds the contents of epoch 5 (epoch_5.safetensors, no longer "
+        "there): a renamed checkpoint, not ingested again" in stderr
+    )
+    assert "warning: epoch_2.safetensors changed after it was ingested as epoch 2" in stderr
+    assert "the store keeps the values ingested then" in stderr
+    lines = [line for line in stdout.splitlines() if line.startswith("epoch ")]
+    assert [int(line.split()[1]) for line in lines] == [1, 2, 3, 5, 6]
+    group = zarr.open_group(store, mode="r")
+    params = sorted(group.attrs["cmdtool"]["params"], key=lambda p: p["offset"])
+    for row, label in enumerate([1, 2, 3, 5, 6]):  # epoch 2 as it was ingested
+        np.testing.assert_allclose(
+            group["weights"][row], to_store_order(w[:, label - 1], params), rtol=1e-6, atol=1e-6
+        )
+    assert group["cmd"].attrs[RESULT_ATTR]["epochs"] == [1, 2, 3, 5, 6]
+
+
+def test_a_changed_epoch_inside_the_warmup_is_fitted_again(run8, tmp_path):
+    # guards: Watcher._ingest_again (the decomposition is removed, then fitted again)
+    staging, w = run8
+    source, store = tmp_path / "run", tmp_path / "store.zarr"
+    source.mkdir()
+    for k in (1, 2, 3):
+        shutil.copy(staging / _name(k), source / _name(k))
+    data4 = _preallocate(staging, source, 4)  # stalls past --settle: ingested as zeros
+    events: list[WatchEvent] = []
+    notices: list[str] = []
+    stop = threading.Event()
+
+    def on_epoch(event: WatchEvent) -> None:
+        events.append(event)
+        if len(events) == 5:
+            stop.set()
+
+    thread = threading.Thread(
+        target=watch,
+        args=(source, store),
+        kwargs=dict(
+            warmup=4,
+            interval=0.05,
+            settle=0.2,
+            on_epoch=on_epoch,
+            on_notice=notices.append,
+            stop=stop,
+            **FIT,
+        ),
+    )
+    thread.start()
+    try:
+        _wait_for("epoch 4", lambda: len(events) == 4, None)
+        assert events[3].label == 4 and events[3].phase == "decomposed"
+        assert not _row(store, 4).any()
+        _fill(source, 4, data4)
+        thread.join(timeout=120)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert [(e.label, e.phase) for e in events][3:] == [(4, "decomposed"), (4, "decomposed")]
+    assert any(n.startswith("warning: epoch_4.safetensors changed after it was") for n in notices)
+    _check_store(store, staging, w, [1, 2, 3, 4])
+    ref = _reference_fit(tmp_path, source, "1:5")
+    _assert_same_fit(store, ref, [1, 2, 3, 4])
+
+
+def test_settling_states(tmp_path):
+    from cmdtool.checkpoints import CheckpointEntry
+    from cmdtool.online.sources import Settling
+
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    entry = CheckpointEntry(1, path, (path,), "torch")
+    settling = Settling(1.0)
+    assert settling.state(entry, now=100.0) == "settling"  # first look: complete, not settled
+    assert settling.state(entry, now=100.5) == "settling"
+    assert settling.state(entry, now=101.0) == "ready"
+    data = path.read_bytes()
+    path.write_bytes(data[:-30])  # rewritten in place, cut short
+    assert settling.state(entry, now=101.1) == "incomplete"
+    path.write_bytes(data)
+    os.utime(path, ns=(1, 1))
+    assert settling.state(entry, now=101.2) == "changing"
+    assert settling.state(entry, now=102.1) == "settling"
+    assert settling.state(entry, now=102.2) == "ready"
+    assert Settling(0).state(CheckpointEntry(1, path, (path,), "torch"), now=5.0) == "ready"

@@ -87,11 +87,33 @@ def _store_params(store):
 
 
 def test_pt_format_loads_with_weights_only(mixed_store, tmp_path):
-    store, sds, _ = mixed_store
-    reconstruct(store, tmp_path / "pt", fmt="pt")
-    got = torch.load(tmp_path / "pt" / "epoch_10.pt", weights_only=True)
-    assert set(got) == set(sds[-1])
-    assert got["emb.weight"].dtype == torch.bfloat16
+    # guards: write_epoch's torch.save branch (names, shapes, dtypes and values as for
+    # safetensors), checked against the float64 oracle on the source files
+    store, sds, model = mixed_store
+    summary = reconstruct(store, tmp_path / "pt", fmt="pt", epochs="1,5,10")
+    names = [f.rsplit("/", 1)[1] for f in summary.files]
+    assert names == ["epoch_1.pt", "epoch_5.pt", "epoch_10.pt"]
+    params = _store_params(store)
+    w_src = np.stack(
+        [
+            np.concatenate([sd[p["name"]].to(torch.float32).reshape(-1).numpy() for p in params])
+            for sd in sds
+        ],
+        axis=1,
+    ).astype(np.float64)
+    expected = ref.reconstruct(w_src, model.labels_, model.a_, model.b_, model.ref_index_)
+    for label in (1, 5, 10):  # 1 and 10 lie outside the window 2:9
+        got = torch.load(tmp_path / "pt" / f"epoch_{label}.pt", weights_only=True)
+        src = sds[label - 1]
+        assert set(got) == set(src)
+        for name, tensor in src.items():
+            assert got[name].shape == tensor.shape and got[name].dtype == tensor.dtype, name
+        assert torch.equal(got["mask"], src["mask"]) and torch.equal(got["steps"], src["steps"])
+        for p in params:
+            size = int(np.prod(p["shape"]))
+            want = expected[p["offset"] : p["offset"] + size, label - 1]
+            want_t = torch.tensor(want.astype(np.float32)).to(src[p["name"]].dtype)
+            assert torch.equal(got[p["name"]].reshape(-1), want_t), (label, p["name"])
 
 
 def test_prefix_change_between_epochs_keeps_each_epochs_names(tmp_path):

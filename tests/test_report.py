@@ -119,11 +119,26 @@ def test_report_figures_json_and_numbers(fitted, tmp_path):
     r = cli("report", fitted, "--out", out)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "--force" in r.stderr
+    # the forced report is the new one: made from a copy whose decomposition changed since
+    changed = tmp_path / "changed.zarr"
+    shutil.copytree(fitted, changed)
+    CMD(2, n_samples=200).fit(changed)
+    r = cli("report", changed, "--out", out, "--force")
+    assert r.returncode == 0, r.stderr
+    fresh = json.loads((out / "report.json").read_text())
+    assert rep["n_modes"] == 3 and fresh["n_modes"] == 2 and validate(fresh) == []
+    assert fresh["settings"] == dict(zarr.open_group(changed / "cmd").attrs["cmdtool_result"])
+    assert str(changed) in (out / "report.html").read_text()
+    assert len(_embedded_pngs((out / "report.html").read_text())) == len(FIGURES)
+    # a file the report did not write is never deleted: --force refuses (issue 11)
     (out / "stale.txt").write_text("old")
+    r = cli("report", fitted, "--out", out, "--force")
+    assert r.returncode == 2 and "'stale.txt'" in r.stderr, r.stderr
+    assert (out / "stale.txt").read_text() == "old"
+    (out / "stale.txt").unlink()
     r = cli("report", fitted, "--out", out, "--force", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["html"] == str(out / "report.html")
-    assert not (out / "stale.txt").exists()
     assert (out / "report.json").stat().st_mtime_ns >= before
 
 
@@ -188,3 +203,49 @@ def test_schema_is_documented_and_render_script_explains_missing_chromium(tmp_pa
         text=True,
     )  # fmt: skip
     assert r.returncode == 3 and "apt-get install chromium" in r.stderr
+
+
+def test_reference_names_constants_and_high_error_epochs(tmp_path):
+    # guards: report.data.locate (reference names), the constant count and
+    # high_error_epochs, figures._largest (natural order) and html's settings/notes
+    import torch
+
+    layout = [
+        (f"layer.{i}.weight", (12, 8), torch.float32) for i in (10, 2, 1)
+    ] + [("layer.2.bias", (12,), torch.float32)]
+    n = 3 * 96 + 12
+    w, _, _ = planted(n, 14, 3, seed=2, noise=0.02)
+    w[:288, 0] = 1e-3 * np.random.default_rng(0).normal(size=288)  # near-zero first epoch
+    w[288:] = 0.5  # the bias never moves: constant
+    write_run(tmp_path / "run", state_dicts(w, layout))
+    store = tmp_path / "s.zarr"
+    ingest(tmp_path / "run", store)
+    CMD(3, n_samples=200).fit(store)
+    summary = write_report(store, tmp_path / "rep")
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    g = zarr.open_group(store, mode="r")
+    params = g.attrs["cmdtool"]["params"]
+    for k, col in enumerate(np.asarray(g["cmd"]["ref_index"][:])):
+        p = next(p for p in params if p["offset"] <= col < p["offset"] + np.prod(p["shape"]))
+        idx = list(np.unravel_index(int(col) - p["offset"], p["shape"]))
+        got = report["references"][k]
+        assert got["column"] == col and got["tensor"] == p["name"] and got["index"] == idx
+        assert got["name"] == f"{p['name']}[{idx[0]}, {idx[1]}]"
+    bias = next(p for p in params if p["name"] == "layer.2.bias")["offset"]
+    const = np.zeros(n, dtype=bool)
+    const[bias : bias + 12] = True
+    labels = np.asarray(g["cmd"]["labels"][:])
+    assert report["constant"] == 12
+    assert report["mode_sizes"] == np.bincount(labels[~const], minlength=3).tolist()
+    per_epoch = report["relative_error"]["per_epoch"]
+    assert per_epoch[0] > 1 and all(e <= 1 for e in per_epoch[1:])
+    assert [h["epoch"] for h in report["high_error_epochs"]] == [1]
+    html = Path(summary.html).read_text()
+    assert "Epochs rebuilt with a relative error above 1" in html and "--epochs A:" in html
+    assert "constant parameters" in html and "12 (" in html
+    from cmdtool.report.figures import natural_key
+
+    names = ["layer.10.weight", "layer.2.bias", "layer.1.weight", "layer.2.weight"]
+    assert sorted(names, key=natural_key) == [
+        "layer.1.weight", "layer.2.bias", "layer.2.weight", "layer.10.weight"
+    ]

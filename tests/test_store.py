@@ -18,7 +18,7 @@ def test_layout_readable_with_plain_zarr(planted_run, tmp_path):
     ingest(folder, store)
     g = zarr.open_group(store, mode="r")
     meta = g.attrs["cmdtool"]
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
     weights = g["weights"]
     assert weights.dtype == np.float32 and weights.shape == (w.shape[1], w.shape[0])
     # row t = every modeled tensor of epoch t, C order, concatenated in params order
@@ -59,10 +59,10 @@ def test_newer_format_and_foreign_folders_are_refused(planted_run, tmp_path):
     ingest(folder, store)
     g = zarr.open_group(store, mode="r+")
     meta = dict(g.attrs["cmdtool"])
-    meta["format_version"] = 2
+    meta["format_version"] = 3
     g.attrs["cmdtool"] = meta
     before = tree_digest(store)
-    with pytest.raises(StoreError, match=r"format_version 2.*reads version 1; upgrade cmdtool"):
+    with pytest.raises(StoreError, match=r"format_version 3.*reads version 2; upgrade cmdtool"):
         TrajectoryStore.open(store)
     assert tree_digest(store) == before
     with pytest.raises(StoreNotFoundError, match="store not found"):
@@ -94,3 +94,38 @@ def test_scratch_fits_are_hidden_and_removed_by_the_next_writer(planted_run, tmp
         assert st.result_names() == ["cmd"]
     assert not (store / scratch).exists()
     assert zarr.open_group(store / "cmd", mode="r")["a"].shape == (n,)
+
+
+def test_chunks_of_one_mib_rows_and_no_compression(tmp_path):
+    # guards: TrajectoryStore.create's chunk shapes and codecs, as the README's "Store
+    # format" states them: weights chunks (1, 262144) (1 MiB), no compression (the codecs
+    # are `bytes`, little-endian, then the `crc32c` checksum, nothing else); pool and
+    # extras one chunk per row
+    import google_crc32c
+    import torch
+
+    from tests.conftest import state_dicts, write_run
+
+    n, t = 262_144 + 1000, 3  # two chunk columns, the second a partial one
+    w = np.random.default_rng(0).normal(size=(n, t))
+    layout = [("p", (n,), torch.float32), ("s", (), torch.int64)]
+    write_run(tmp_path / "run", state_dicts(w, layout))
+    store = tmp_path / "s.zarr"
+    ingest(tmp_path / "run", store)
+    chunk_of = {"weights": [1, 262_144], "pool": [1, 16_384], "extras": [1, 8]}
+    for name, chunk in chunk_of.items():
+        meta = json.loads((store / name / "zarr.json").read_text())
+        assert meta["chunk_grid"]["configuration"]["chunk_shape"] == chunk, name
+        assert [c["name"] for c in meta["codecs"]] == ["bytes", "crc32c"], name
+        assert meta["codecs"][0].get("configuration", {"endian": "little"}) == {"endian": "little"}
+    # on disk each chunk file is the row's raw little-endian float32 values (padded with
+    # the fill value 0 at the edge), then their CRC-32C: 1 MiB + 4 bytes
+    w32 = w.astype("<f4")
+    for row in range(t):
+        for col, values in ((0, w32[:262_144, row]), (1, w32[262_144:, row])):
+            raw = (store / "weights" / "c" / str(row) / str(col)).read_bytes()
+            assert len(raw) == 262_144 * 4 + 4, (row, col)
+            data = raw[:-4]
+            assert data[: values.nbytes] == values.tobytes(), (row, col)
+            assert data[values.nbytes :] == bytes(len(data) - values.nbytes), (row, col)
+            assert int.from_bytes(raw[-4:], "little") == google_crc32c.value(data), (row, col)

@@ -32,3 +32,17 @@ def test_epoch_specs():
         select_epochs(LABELS, "3,4")
     with pytest.raises(UsageError, match="'x' is not an integer"):
         select_epochs(LABELS, "1,x")
+
+
+HUGE = 10**20  # beyond int64: labels are Python ints
+
+
+def test_labels_beyond_int64_select_as_python_ints():
+    labels = [HUGE, HUGE + 1, HUGE + 2, HUGE + 10]
+    assert select_window(labels, f"{HUGE + 1}:").tolist() == [1, 2, 3]
+    assert select_window(labels, f"{HUGE}:{HUGE + 2}").tolist() == [0, 1]
+    assert select_epochs(labels, f"{HUGE + 10},{HUGE}").tolist() == [3, 0]
+    assert select_epochs(labels, f":{HUGE + 3}").tolist() == [0, 1, 2]
+    assert select_window(LABELS, f"-{HUGE}:{HUGE}").tolist() == list(range(7))
+    with pytest.raises(UsageError, match="no stored epoch"):
+        select_window(LABELS, f"{HUGE}:")

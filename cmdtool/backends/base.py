@@ -27,7 +27,8 @@ MapProgress = Callable[[int, int, Any], None]
 @dataclass
 class PassTotals:
     """Per-mode sums over all N parameters: squared residuals, squared values, counts,
-    and the device kind the pass ran on (``cpu``, ``cuda``; ``auto`` when both were used)."""
+    and the device kind the pass ran on (``cpu``, ``cuda``; ``auto`` when both were used).
+    Each array has M + 1 slots: the M modes, then the constant parameters."""
 
     err2: np.ndarray
     sq: np.ndarray
@@ -36,7 +37,8 @@ class PassTotals:
 
     @classmethod
     def zeros(cls, m: int) -> PassTotals:
-        return cls(np.zeros(m), np.zeros(m), np.zeros(m, dtype=np.int64))
+        """Totals of a pass with ``m`` modes (``m + 1`` slots: the last for constants)."""
+        return cls(np.zeros(m + 1), np.zeros(m + 1), np.zeros(m + 1, dtype=np.int64))
 
     def add(self, other: PassTotals | BlockFit) -> None:
         self.err2 += other.err2

@@ -48,6 +48,7 @@ from cmdtool.errors import (
 )
 from cmdtool.method.kernels import References
 from cmdtool.store import TrajectoryStore, remove_zarr_temporaries
+from cmdtool.store.integrity import WRITE_CONFIG
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -267,7 +268,10 @@ def _fit_block_task(job: _FitJob, start: int, stop: int) -> _BlockTotals:
         st = TrajectoryStore.open(job.store)
         block = st.read_block(job.rows, start, stop)
         parts = fit_columns(block, References.from_trajectories(job.ref_traj, device), device)
-        arrays = {key: zarr.open_array(path, mode="r+") for key, path in job.arrays.items()}
+        arrays = {  # every chunk written, zeros too (format v2: an absent chunk is damage)
+            key: zarr.open_array(path, mode="r+", config=WRITE_CONFIG)
+            for key, path in job.arrays.items()
+        }
         write_block(arrays, start, parts)
     except BaseException as exc:
         _raise_in_context(exc, job.store, where)

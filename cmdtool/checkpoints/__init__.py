@@ -6,16 +6,27 @@ named tensors (:mod:`~cmdtool.checkpoints.reader`), through the format's safe re
 (:mod:`~cmdtool.checkpoints.safetensors`, :mod:`~cmdtool.checkpoints.torchfile`).
 """
 
-from cmdtool.checkpoints.discover import CheckpointEntry, canonical_name, discover, natural_label
+from cmdtool.checkpoints.discover import (
+    CheckpointEntry,
+    Discovery,
+    SkippedFile,
+    canonical_name,
+    discover,
+    find_checkpoints,
+    natural_label,
+)
 from cmdtool.checkpoints.dtypes import dtype_name, torch_dtype
 from cmdtool.checkpoints.reader import Checkpoint, open_checkpoint
 
 __all__ = [
     "Checkpoint",
     "CheckpointEntry",
+    "Discovery",
+    "SkippedFile",
     "canonical_name",
     "discover",
     "dtype_name",
+    "find_checkpoints",
     "natural_label",
     "open_checkpoint",
     "torch_dtype",

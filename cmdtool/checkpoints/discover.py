@@ -7,10 +7,16 @@ Recognised layouts, directly inside the SOURCE folder:
   ``model.safetensors``, shards listed by ``model.safetensors.index.json``,
   ``pytorch_model.bin`` or shards listed by ``pytorch_model.bin.index.json``;
 * torch state dicts ``*.pt``, ``*.pth``, ``*.bin`` (kind ``"torch"``);
-* Lightning checkpoints ``*.ckpt`` (kind ``"lightning"``).
+* Lightning checkpoints ``*.ckpt`` (kind ``"lightning"``);
+* ``torch.distributed.checkpoint`` folders (kind ``"dcp"``, e.g. ``step-100/``), holding
+  ``.metadata`` and ``*.distcp`` files.
 
 Training by-products (optimizer, scheduler, scaler and RNG states, ``training_args.bin``)
-are recognised by name and never opened. Nothing here opens a weight file: reading is
+are recognised by name and never opened. A checkpoint whose name holds no epoch number
+beside numbered ones (Lightning's ``last.ckpt``, the final ``model.safetensors`` that
+``trainer.save_model()`` writes at the top of a Trainer's output folder, ``best.pt``) is
+skipped with a notice (:attr:`Discovery.skipped`). Nothing here opens a weight file
+(only JSON: shard indexes and, for ``labels="epoch"``, ``trainer_state.json``); reading is
 :mod:`cmdtool.checkpoints.reader`.
 """
 
@@ -63,9 +69,16 @@ HF_SINGLE_FILES = frozenset(name for name, is_index in _HF_WEIGHTS if not is_ind
 #: Lightning's weight-averaging callback keeps the raw weights in ``current_model_state``
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 _LOOKED_FOR = (
-    "*.safetensors, *.pt, *.pth, *.bin and *.ckpt files, and checkpoint-<step>/ folders "
-    "holding model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    "*.safetensors, *.pt, *.pth, *.bin and *.ckpt files, checkpoint-<step>/ folders "
+    "holding model.safetensors, model.safetensors.index.json or pytorch_model.bin, and "
+    "torch.distributed.checkpoint folders (step-<n>/ holding .metadata)"
 )
+#: The file that marks a ``torch.distributed.checkpoint`` folder (written last by DCP).
+DCP_METADATA = ".metadata"
+#: How ``--labels`` may number Hugging Face ``checkpoint-<step>/`` folders.
+LABEL_SOURCES = ("step", "epoch")
+#: Hugging Face top-level shard indexes: a sharded final model beside ``checkpoint-*/``.
+_HF_INDEXES = tuple(name for name, is_index in _HF_WEIGHTS if is_index)
 
 _EPOCH_RE = re.compile(r"epoch[=_-]*(\d+)", re.IGNORECASE)
 _STEP_RE = re.compile(r"(?:checkpoint-|step[=_-])(\d+)", re.IGNORECASE)
@@ -157,13 +170,15 @@ class CheckpointEntry:
     Attributes
     ----------
     label : int
-        The epoch number taken from the name (see :func:`natural_label`).
+        The epoch number taken from the name (see :func:`natural_label`), or from
+        ``trainer_state.json`` (``labels="epoch"``).
     path : pathlib.Path
         The checkpoint file, or the Hugging Face ``checkpoint-<step>/`` folder.
     files : tuple of pathlib.Path
-        The weight files to read: one, or the shards in sorted order.
+        The weight files to read: one, or the shards in sorted order (a DCP folder:
+        ``.metadata`` then its ``*.distcp`` files).
     kind : str
-        ``"safetensors"``, ``"hf"``, ``"torch"`` or ``"lightning"``.
+        ``"safetensors"``, ``"hf"``, ``"torch"``, ``"lightning"`` or ``"dcp"``.
     """
 
     label: int
@@ -248,17 +263,152 @@ def _index_shards(index: Path) -> tuple[Path, ...]:
     return files
 
 
+def _refuse_outside_link(folder: Path, path: Path) -> None:
+    """Refuse a file of a checkpoint folder that is a symbolic link leading outside it.
+
+    The message names the link only: the target may be any file, and nothing of it is
+    read or quoted.
+    """
+    try:
+        real, root = path.resolve(strict=True), folder.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing or a loop: the callers' checks report it
+        return
+    if not real.is_relative_to(root):
+        raise CheckpointError(
+            f"{path} is a symbolic link to a file outside its checkpoint folder {folder}: "
+            "cmdtool reads only files inside it (copy the file in instead)"
+        )
+
+
 def _hf_files(folder: Path) -> tuple[Path, ...] | None:
-    """Weight files of a Hugging Face checkpoint folder, or None if it holds none."""
+    """Weight files of a Hugging Face checkpoint folder, or None if it holds none.
+
+    The index and every weight file must lie inside the folder: a symbolic link that
+    leads outside it is refused (:func:`_refuse_outside_link`).
+    """
     for name, is_index in _HF_WEIGHTS:
         candidate = folder / name
         if candidate.is_file():
-            return _index_shards(candidate) if is_index else (candidate,)
+            _refuse_outside_link(folder, candidate)
+            files = _index_shards(candidate) if is_index else (candidate,)
+            for path in files:
+                _refuse_outside_link(folder, path)
+            return files
     return None
 
 
-def discover(source: Path, *, pattern: str | None = None) -> list[CheckpointEntry]:
+@dataclass(frozen=True)
+class SkippedFile:
+    """A checkpoint :func:`find_checkpoints` left out, and why.
+
+    Attributes
+    ----------
+    path : str
+        Its name inside the SOURCE folder (a file or folder name).
+    reason : str
+        One line: what it is and how to include it.
+    """
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What :func:`find_checkpoints` found in a folder.
+
+    Attributes
+    ----------
+    entries : list of CheckpointEntry
+        One per epoch, sorted by label.
+    skipped : list of SkippedFile
+        Checkpoints left out because their names hold no epoch number while other
+        checkpoints' names do (``last.ckpt``, a top-level final ``model.safetensors``).
+    labels : str
+        What the labels count: ``"step"`` or ``"epoch"`` when Hugging Face
+        ``checkpoint-<step>/`` folders are among the entries (``"epoch"`` with
+        ``labels="epoch"``), else ``"name"`` (the number in each file or folder name).
+    """
+
+    entries: list[CheckpointEntry]
+    skipped: list[SkippedFile]
+    labels: str
+
+
+def _dcp_files(folder: Path) -> tuple[Path, ...]:
+    """``.metadata`` then the ``*.distcp`` files of a DCP folder, sorted."""
+    return (folder / DCP_METADATA, *sorted(folder.glob("*.distcp"), key=lambda f: f.name))
+
+
+def _skip_reason(name: str, kind: str, hf_beside: bool) -> str:
+    """The notice for a checkpoint whose name holds no epoch number."""
+    suffix = PurePosixPath(name).suffix
+    if hf_beside and name in HF_SINGLE_FILES:
+        return (
+            "the final model trainer.save_model() writes beside the checkpoint-<step>/ "
+            "folders; its name holds no epoch number; to include it, move it into a "
+            "checkpoint-<step>/ folder"
+        )
+    what = (
+        "Lightning's save_last copy of the latest epoch; "
+        if kind == "lightning" and name.lower().startswith("last")
+        else ""
+    )
+    return (
+        f"{what}its name holds no epoch number; to include it, copy or rename it to a "
+        f"numbered name such as epoch_<N>{suffix}"
+    )
+
+
+def _trainer_state_epoch(folder: Path) -> int:
+    """The epoch a Hugging Face checkpoint folder's ``trainer_state.json`` records."""
+    state_file = folder / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"--labels epoch: {state_file} is missing; ingest with --labels step"
+        ) from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"--labels epoch: cannot read {state_file}: {exc}") from exc
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    if isinstance(epoch, bool) or not isinstance(epoch, int | float) or epoch != epoch:
+        raise CheckpointError(f"--labels epoch: {state_file} records no 'epoch' number")
+    whole = round(epoch)
+    if abs(epoch - whole) > 1e-4 or whole < 0:
+        raise CheckpointError(
+            f"--labels epoch: {state_file} says epoch {epoch}, not a whole epoch (saved "
+            "mid-epoch?); ingest with --labels step"
+        )
+    return int(whole)
+
+
+def _top_level_index_shards(source: Path, children: list[Path]) -> dict[str, str]:
+    """Files of a sharded final model at the top of ``source`` (name -> index name)."""
+    grouped: dict[str, str] = {}
+    names = {c.name for c in children}
+    for index in _HF_INDEXES:
+        if index in names and (source / index).is_file():
+            for shard in sorted(set(read_index(source / index).values())):
+                grouped[shard] = index
+    return grouped
+
+
+def discover(
+    source: Path, *, pattern: str | None = None, labels: str = "step"
+) -> list[CheckpointEntry]:
     """Find the checkpoints directly inside ``source`` and order them by epoch.
+
+    The entries of :func:`find_checkpoints` (same parameters), without its notices.
+    """
+    return find_checkpoints(source, pattern=pattern, labels=labels).entries
+
+
+def find_checkpoints(
+    source: Path, *, pattern: str | None = None, labels: str = "step"
+) -> Discovery:
+    """Find the checkpoints directly inside ``source``, order them by epoch, say what was
+    left out.
 
     Parameters
     ----------
@@ -271,12 +421,17 @@ def discover(source: Path, *, pattern: str | None = None) -> list[CheckpointEntr
         checkpoint folder even if it is not named ``checkpoint-<step>``. Non-weight
         files (optimizer, scheduler, scaler, RNG states, training arguments) are never
         picked, whatever the pattern.
+    labels : {"step", "epoch"}
+        How Hugging Face ``checkpoint-<step>/`` folders are labelled: by the step in
+        their name, or by the whole epoch their ``trainer_state.json`` records. Other
+        entries are labelled by the number in their name either way.
 
     Returns
     -------
-    list of CheckpointEntry
-        Sorted by :attr:`CheckpointEntry.label`. No file is opened except Hugging Face
-        shard indexes (JSON).
+    Discovery
+        The entries sorted by label, the checkpoints skipped (a name without an epoch
+        number among numbered ones: skipped with a notice, not an error), and what the
+        labels count. No weight file is opened.
 
     Raises
     ------
@@ -284,11 +439,13 @@ def discover(source: Path, *, pattern: str | None = None) -> list[CheckpointEntr
         ``source`` is missing or not a folder, holds no recognisable checkpoint, or
         ``pattern`` matches none of them.
     UsageError
-        ``pattern`` is empty or contains a path separator.
+        ``pattern`` is empty or contains a path separator; ``labels`` is not ``"step"``
+        or ``"epoch"``, or is ``"epoch"`` for a folder without Hugging Face checkpoints.
     CheckpointError
-        An entry's name carries no epoch number, two entries share one, a
-        ``checkpoint-<step>/`` folder holds no model weights, or a shard index is
-        invalid (unreadable, shards outside the folder, missing shards).
+        No entry's name carries an epoch number, two entries share one, a
+        ``checkpoint-<step>/`` folder holds no model weights, a shard index is invalid
+        (unreadable, shards outside the folder, missing shards), or (``labels="epoch"``)
+        a ``trainer_state.json`` is missing or records no whole epoch.
     """
     source = Path(source)
     if not source.exists():
@@ -300,6 +457,8 @@ def discover(source: Path, *, pattern: str | None = None) -> list[CheckpointEntr
             f"--pattern {pattern!r} is invalid: give a glob matched against the names of "
             "the entries inside the checkpoint folder, e.g. 'epoch_*.pt'"
         )
+    if labels not in LABEL_SOURCES:
+        raise UsageError(f"--labels {labels!r} is not one of {', '.join(LABEL_SOURCES)}")
     try:
         children = sorted(source.iterdir(), key=lambda p: p.name)
     except OSError as exc:
@@ -311,10 +470,14 @@ def discover(source: Path, *, pattern: str | None = None) -> list[CheckpointEntr
         if name.startswith("."):
             continue
         if child.is_dir():
-            if fnmatchcase(name, _HF_DIR_GLOB):
+            if fnmatchcase(name, _HF_DIR_GLOB) and _hf_weights_present(child):
                 found.append((child, "hf"))
+            elif (child / DCP_METADATA).is_file():
+                found.append((child, "dcp"))
+            elif fnmatchcase(name, _HF_DIR_GLOB):
+                found.append((child, "hf"))  # refused below: no weights
             elif pattern is not None and fnmatchcase(name, pattern):
-                if any((child / hf_name).is_file() for hf_name, _ in _HF_WEIGHTS):
+                if _hf_weights_present(child):
                     found.append((child, "hf"))
         elif child.is_file():
             kind = _SUFFIX_KINDS.get(child.suffix.lower())
@@ -333,18 +496,48 @@ def discover(source: Path, *, pattern: str | None = None) -> list[CheckpointEntr
                 f"--pattern {pattern!r} matched no checkpoint in {source} (found: {shown})"
             )
 
-    unlabeled = [p.name for p, _ in picked if natural_label(p.name) is None]
-    if unlabeled:
+    skipped: list[SkippedFile] = []
+    hf_beside = any(kind == "hf" for _, kind in picked)
+    # A sharded final model at the top level (trainer.save_model() of a large model):
+    # its shards are numbered "model-00001-of-00002", which is no epoch.
+    final_shards = _top_level_index_shards(source, children) if hf_beside else {}
+    if final_shards:
+        for index in sorted(set(final_shards.values())):
+            skipped.append(
+                SkippedFile(
+                    index,
+                    "the sharded final model trainer.save_model() writes beside the "
+                    f"checkpoint-<step>/ folders ({len(final_shards)} shard(s)); to include "
+                    "it, move it with its shards into a checkpoint-<step>/ folder",
+                )
+            )
+        picked = [(p, kind) for p, kind in picked if p.name not in final_shards]
+
+    numbered = [(p, kind) for p, kind in picked if natural_label(p.name) is not None]
+    unlabeled = [(p, kind) for p, kind in picked if natural_label(p.name) is None]
+    if unlabeled and not numbered:
+        listed = ", ".join(p.name for p, _ in unlabeled)
         raise CheckpointError(
-            f"cannot tell which epoch {', '.join(unlabeled)} in {source} belongs to: its name "
+            f"cannot tell which epoch {listed} in {source} belongs to: its name "
             "holds no number; rename it (e.g. epoch_3.pt) or use --pattern to leave it out"
+        )
+    for p, kind in unlabeled:
+        skipped.append(SkippedFile(p.name, _skip_reason(p.name, kind, hf_beside)))
+    skipped.sort(key=lambda s: s.path)
+
+    if labels == "epoch" and not any(kind == "hf" for _, kind in numbered):
+        raise UsageError(
+            f"--labels epoch reads the trainer_state.json of Hugging Face checkpoint-<step>/ "
+            f"folders, and {source} holds none; leave --labels out"
         )
 
     entries: list[CheckpointEntry] = []
     by_label: dict[int, Path] = {}
-    for path, kind in picked:
+    for path, kind in numbered:
         label = natural_label(path.name)
-        assert label is not None  # checked above
+        assert label is not None  # split above
+        if kind == "hf" and labels == "epoch":
+            label = _trainer_state_epoch(path)
         if label in by_label:
             raise CheckpointError(
                 f"{by_label[label].name} and {path.name} in {source} both look like epoch "
@@ -359,11 +552,18 @@ def discover(source: Path, *, pattern: str | None = None) -> list[CheckpointEntr
                     + ", ".join(name for name, _ in _HF_WEIGHTS)
                     + "; use --pattern to leave it out"
                 )
+        elif kind == "dcp":
+            files = _dcp_files(path)
         else:
             files = (path,)
         entries.append(CheckpointEntry(label=label, path=path, files=files, kind=kind))
     entries.sort(key=lambda e: e.label)
-    return entries
+    has_hf = any(e.kind == "hf" for e in entries)
+    return Discovery(entries, skipped, labels if has_hf else "name")
+
+
+def _hf_weights_present(folder: Path) -> bool:
+    return any((folder / hf_name).is_file() for hf_name, _ in _HF_WEIGHTS)
 
 
 # ------------------------------------------------------------------------- readers

@@ -10,9 +10,11 @@ from typing import Protocol
 
 import torch
 
+from cmdtool.checkpoints.dcp import DCPReader
 from cmdtool.checkpoints.discover import HF_SINGLE_FILES, CheckpointEntry, read_index
+from cmdtool.checkpoints.limits import ReadLimits, check_params
 from cmdtool.checkpoints.safetensors import SafetensorsReader
-from cmdtool.checkpoints.torchfile import QUALNAME_RE, TorchReader
+from cmdtool.checkpoints.torchfile import QUALNAME_RE, STATES, TorchReader
 from cmdtool.errors import CheckpointError, UsageError
 
 
@@ -29,10 +31,28 @@ class _Reader(Protocol):
     def close(self) -> None: ...
 
 
-def _open_file(path: Path, allow_globals: Sequence[str] = ()) -> _Reader:
+def _open_file(
+    path: Path,
+    allow_globals: Sequence[str] = (),
+    state: str = "raw",
+    limits: ReadLimits | None = None,
+) -> _Reader:
+    limits = limits or ReadLimits()
     if path.suffix.lower() == ".safetensors":
-        return SafetensorsReader(path)
-    return TorchReader(path, allow_globals)
+        return SafetensorsReader(path, max_tensors=limits.max_tensors)
+    return TorchReader(path, allow_globals, state, limits)
+
+
+def _check_size(entry: CheckpointEntry, readers: list[_Reader], limits: ReadLimits) -> None:
+    """Refuse a checkpoint whose tensors hold more than ``limits.max_params`` elements."""
+    total = 0
+    for reader in readers:
+        for name in reader.names():
+            count = 1
+            for dim in reader.spec(name)[0]:
+                count *= dim
+            total += count
+    check_params(entry.path, total, limits)
 
 
 # ---------------------------------------------------------------------- checkpoint
@@ -178,7 +198,13 @@ def _check_allow_globals(allow_globals: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def open_checkpoint(entry: CheckpointEntry, *, allow_globals: Sequence[str] = ()) -> Checkpoint:
+def open_checkpoint(
+    entry: CheckpointEntry,
+    *,
+    allow_globals: Sequence[str] = (),
+    state: str = "raw",
+    limits: ReadLimits | None = None,
+) -> Checkpoint:
     """Open one checkpoint for reading, safely.
 
     safetensors files are validated (header size, JSON layout, known dtypes, shapes
@@ -202,6 +228,16 @@ def open_checkpoint(entry: CheckpointEntry, *, allow_globals: Sequence[str] = ()
         Only the state-dict tensors are used. Globals not listed still cause a refusal.
         The placeholders are registered in torch's process-wide safe-globals list while
         a file loads, so loads in other threads may see them meanwhile.
+    state : {"raw", "averaged"}
+        Which weights of a Lightning file holding both: the raw ones
+        (``current_model_state``, written by weight averaging) or the averaged ones
+        (``state_dict``). Files holding one set are read the same either way.
+    limits : ReadLimits, optional
+        What one checkpoint may hold (:mod:`~cmdtool.checkpoints.limits`): expanded or
+        overlapping views are refused unless ``allow_expanded``; at most ``max_params``
+        tensor elements in all and ``max_tensors`` tensors per file. Default
+        ``ReadLimits()``. Torch files' storages must also match the bytes behind them
+        exactly (:mod:`~cmdtool.checkpoints.torchscan`), whatever the limits.
 
     Returns
     -------
@@ -217,22 +253,28 @@ def open_checkpoint(entry: CheckpointEntry, *, allow_globals: Sequence[str] = ()
     CheckpointError
         A file is missing, truncated or corrupt (an invalid safetensors header, a zip
         record that fails its checksum, ...), holds no tensors, or a sharded checkpoint
-        disagrees with its index.
+        disagrees with its index; or the checkpoint exceeds ``limits``.
     UsageError
         A name in ``allow_globals`` is not a dotted qualified name.
     """
+    limits = limits or ReadLimits()
     allowed = _check_allow_globals(allow_globals)
+    if state not in STATES:
+        raise UsageError(f"--state {state!r} is not one of {', '.join(STATES)}")
     if not entry.files:
         raise CheckpointError(f"checkpoint {entry.path} lists no weight files")
     readers: list[_Reader] = []
     try:
-        for path in entry.files:
-            readers.append(_open_file(path, allowed))
+        if entry.kind == "dcp":  # one reader for the folder: .metadata + *.distcp
+            readers.append(DCPReader(entry.path))
+        for path in entry.files if entry.kind != "dcp" else ():
+            readers.append(_open_file(path, allowed, state, limits))
         sharded = entry.kind == "hf" and (
             len(entry.files) > 1 or entry.files[0].name not in HF_SINGLE_FILES
         )
         if sharded:
             _check_shards(entry, readers)
+        _check_size(entry, readers, limits)
     except BaseException:
         for reader in readers:
             reader.close()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from cmdtool.checkpoints.limits import ReadLimits, check_tensor_count
 from cmdtool.errors import (
     CheckpointError,
 )
@@ -178,8 +179,8 @@ def _parse_safetensors_header(raw: bytes, data_size: int) -> dict[str, _TensorIn
     """Validate a safetensors JSON header against the data size; raise ValueError."""
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"its header is not UTF-8 ({exc})") from None
+    except UnicodeDecodeError:  # the codec's message would quote a byte of the file
+        raise ValueError("its header is not UTF-8 (not a safetensors file?)") from None
     try:
         header = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
         # JSON may escape lone surrogates, which are no text: names must be real strings.
@@ -216,12 +217,16 @@ def _parse_safetensors_header(raw: bytes, data_size: int) -> dict[str, _TensorIn
     return infos
 
 
-def _read_safetensors_header(path: Path) -> dict[str, _TensorInfo]:
+def _read_safetensors_header(
+    path: Path, max_tensors: int | None = None
+) -> dict[str, _TensorInfo]:
     """Validate a safetensors file with plain reads, before any library maps it.
 
     Reads the 8-byte header length and then the header itself (at most
     :data:`MAX_HEADER` bytes, and never more than the file holds); nothing is
-    allocated in proportion to a size the file merely claims.
+    allocated in proportion to a size the file merely claims. A header describing more
+    than ``max_tensors`` tensors is refused before it is parsed. Messages never quote
+    the file's bytes (nor the header length, which is its first 8 bytes).
     """
     try:
         with path.open("rb") as fh:
@@ -235,19 +240,23 @@ def _read_safetensors_header(path: Path) -> dict[str, _TensorInfo]:
             length = int.from_bytes(prefix, "little")
             if length > MAX_HEADER:
                 raise CheckpointError(
-                    f"invalid safetensors file {path}: its header claims {length} bytes, "
-                    f"more than the {MAX_HEADER} safetensors allows (corrupt?)"
+                    f"invalid safetensors file {path}: its header length is more than the "
+                    f"{MAX_HEADER} bytes safetensors allows (corrupt, or not a safetensors file?)"
                 )
             if length > size - 8:
                 raise CheckpointError(
-                    f"invalid safetensors file {path}: its header claims {length} bytes but "
-                    f"only {size - 8} follow the header length (truncated?)"
+                    f"invalid safetensors file {path}: its header length exceeds the file, "
+                    f"where only {size - 8} follow the header length (truncated, or not a "
+                    "safetensors file?)"
                 )
             raw = fh.read(length)
     except OSError as exc:
         raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
     if len(raw) != length:
         raise CheckpointError(f"cannot read safetensors file {path}: it shrank while read")
+    if max_tensors is not None and raw.count(b'"data_offsets"') > max_tensors:
+        limits = ReadLimits(max_tensors=max_tensors)
+        check_tensor_count(path, max_tensors + 1, limits, at_least=True)
     try:
         return _parse_safetensors_header(raw, size - 8 - length)
     except ValueError as exc:
@@ -259,9 +268,9 @@ class SafetensorsReader:
 
     state_key: str | None = None
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_tensors: int | None = None) -> None:
         self.path = path
-        self._infos = _read_safetensors_header(path)
+        self._infos = _read_safetensors_header(path, max_tensors)
         self._handle: Any = None
         try:
             self._handle = safe_open(str(path), framework="pt")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import mmap as mmap_module
 import os
 import pickle
 import re
@@ -27,6 +28,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from cmdtool.checkpoints.limits import ReadLimits, check_layout, check_tensor_count
+from cmdtool.checkpoints.torchscan import PickleScan, check_legacy_storages, check_zip_storages
 from cmdtool.errors import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -53,50 +56,72 @@ def _is_zip(path: Path) -> bool:
         return False
 
 
-def _check_zip_record(fh: Any, size: int, info: zipfile.ZipInfo) -> str | None:
-    """What is wrong with one record of a torch zip archive, or None."""
+def _check_zip_record(fh: Any, size: int, info: zipfile.ZipInfo) -> tuple[str | None, int]:
+    """What is wrong with one record of a torch zip archive (or None), and the offset of
+    its data in the file."""
     name = info.filename
     if info.flag_bits & 0x1:
-        return f"record {name!r} is encrypted"
+        return f"record {name!r} is encrypted", 0
     if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-        return f"record {name!r} is compressed (method {info.compress_type}); torch stores records"
+        return (
+            f"record {name!r} is compressed (method {info.compress_type}); torch stores records",
+            0,
+        )
     fh.seek(info.header_offset)
     local = fh.read(ZIP_LOCAL_HEADER.size)
     if len(local) != ZIP_LOCAL_HEADER.size:
-        return f"record {name!r} starts past the end of the file (truncated?)"
+        return f"record {name!r} starts past the end of the file (truncated?)", 0
     fields = ZIP_LOCAL_HEADER.unpack(local)
     if fields[0] != ZIP_LOCAL_SIGNATURE:
-        return f"record {name!r} has no local header where the directory puts it"
+        return f"record {name!r} has no local header where the directory puts it", 0
     flags, name_len, extra_len = fields[2], fields[9], fields[10]
     local_name = fh.read(name_len).decode("utf-8" if flags & 0x800 else "cp437")
     if local_name != info.orig_filename:
-        return f"record {name!r} is named {local_name!r} in its local header"
+        return f"record {name!r} is named {local_name!r} in its local header", 0
     start = info.header_offset + ZIP_LOCAL_HEADER.size + name_len + extra_len
     if start + info.file_size > size:
-        return f"record {name!r} runs past the end of the file (truncated?)"
+        return f"record {name!r} runs past the end of the file (truncated?)", start
     if info.CRC == 0:  # written with torch.serialization.set_crc32_options(False)
-        return None
+        return None, start
     fh.seek(start)
     crc, left = 0, info.file_size
     while left:
         chunk = fh.read(min(left, _CHUNK))
         if not chunk:
-            return f"record {name!r} runs past the end of the file (truncated?)"
+            return f"record {name!r} runs past the end of the file (truncated?)", start
         crc = zlib.crc32(chunk, crc)
         left -= len(chunk)
     if crc != info.CRC:
-        return f"record {name!r} fails its CRC-32 check (its bytes changed since it was written)"
-    return None
+        return (
+            f"record {name!r} fails its CRC-32 check (its bytes changed since it was written)",
+            start,
+        )
+    return None, start
 
 
-def _verify_zip(path: Path) -> None:
+def _is_torch_archive(infos: list[zipfile.ZipInfo]) -> bool:
+    """Whether the records are laid out as torch writes them: one top folder holding
+    ``data.pkl`` (checked before any record name is put in a message)."""
+    prefix = infos[0].filename.split("/", 1)[0]
+    names = {info.filename for info in infos}
+    return f"{prefix}/data.pkl" in names and all(n.startswith(prefix + "/") for n in names)
+
+
+def _verify_zip(path: Path) -> dict[str, tuple[int, int]]:
     """Check a zip-format torch file is a complete archive whose records match their CRC-32.
 
     ``torch.load`` checks no checksum, so without this a flipped bit in a tensor or in
     the pickle would load as silently different weights (or names). Records written
     without a checksum (CRC 0, see ``torch.serialization.set_crc32_options``) are only
-    checked for completeness. Reads the file once in 1 MiB chunks.
+    checked for completeness. Reads the file once in 1 MiB chunks. A zip archive that is
+    not laid out as torch writes one is refused without naming any of its records.
+
+    Returns
+    -------
+    dict
+        Record name -> (offset of its data in the file, its size in bytes).
     """
+    records: dict[str, tuple[int, int]] = {}
     try:
         with path.open("rb") as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -104,12 +129,20 @@ def _verify_zip(path: Path) -> None:
                 infos = archive.infolist()
             if not infos:
                 problem: str | None = "the archive holds no records"
+            elif not _is_torch_archive(infos):
+                raise CheckpointError(
+                    f"cannot read checkpoint {path}: not a torch checkpoint (a zip archive "
+                    "without the one folder and data.pkl record torch writes)"
+                )
             else:
                 problem = None
                 for info in infos:
-                    problem = _check_zip_record(fh, size, info)
+                    problem, start = _check_zip_record(fh, size, info)
                     if problem:
                         break
+                    records[info.filename] = (start, info.file_size)
+    except CheckpointError:
+        raise
     except Exception as exc:  # zipfile raises many kinds on a damaged archive
         raise CheckpointError(
             f"cannot read checkpoint {path}: not a valid zip archive (truncated or corrupt?): "
@@ -117,6 +150,28 @@ def _verify_zip(path: Path) -> None:
         ) from exc
     if problem:
         raise CheckpointError(f"cannot read checkpoint {path}: corrupt zip archive: {problem}")
+    return records
+
+
+def _check_storages(path: Path, is_zip: bool, limits: ReadLimits) -> PickleScan | None:
+    """Check the storages a torch file's pickle claims against the bytes behind them
+    (:mod:`~cmdtool.checkpoints.torchscan`), before ``torch.load`` trusts them.
+
+    Returns the scan, or None when the pickle cannot be followed (torch's weights-only
+    unpickler then refuses it too). A file that is neither a zip archive nor a legacy
+    torch pickle is refused without quoting any of its bytes.
+    """
+    records = _verify_zip(path) if is_zip else {}
+    try:
+        with path.open("rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
+            with mmap_module.mmap(fh.fileno(), 0, access=mmap_module.ACCESS_READ) as buf:
+                if is_zip:
+                    return check_zip_storages(path, buf, records, limits)
+                return check_legacy_storages(path, buf, limits)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
 
 
 class _InertObject(dict[str, Any]):
@@ -213,10 +268,29 @@ def _refused_globals(message: str) -> set[str]:
     return {n if "." in n else f"builtins.{n}" for n in _REFUSED_GLOBAL_RE.findall(message)}
 
 
+def _torch_safe_globals() -> set[str] | None:
+    """The globals torch's weights-only unpickler accepts now, or None if unknown."""
+    try:
+        from torch import _weights_only_unpickler as unpickler
+
+        return set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
+    except Exception:  # a private API: fall back to what the refusals say
+        return None
+
+
 def _needed_globals(
-    path: Path, allow_globals: Sequence[str], exc: BaseException, *, mmap: bool
+    path: Path,
+    allow_globals: Sequence[str],
+    exc: BaseException,
+    *,
+    mmap: bool,
+    named: set[str] | None = None,
 ) -> tuple[list[str], str | None]:
     """The globals beyond ``allow_globals`` that ``path`` needs to load.
+
+    ``named`` are the globals the file's pickle names (from the scan): with them, one
+    trial load with placeholders for all the unsafe ones decides; without them, each
+    trial load can only reveal one more refused global.
 
     Returns
     -------
@@ -228,7 +302,10 @@ def _needed_globals(
     """
     allowed = set(allow_globals)
     found = _refused_globals(str(exc))
-    if mmap:  # zip format: torch can list the globals without unpickling
+    safe = _torch_safe_globals() if named is not None else None
+    if named is not None and safe is not None:
+        found |= named - safe
+    elif mmap:  # zip format: torch can list the globals without unpickling
         try:
             found |= {str(g) for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)}
         except Exception:
@@ -295,7 +372,12 @@ def _unsafe_error(
 
 
 def _load_error(
-    path: Path, exc: BaseException, allow_globals: Sequence[str], *, mmap: bool
+    path: Path,
+    exc: BaseException,
+    allow_globals: Sequence[str],
+    *,
+    mmap: bool,
+    named: set[str] | None = None,
 ) -> CheckpointError:
     """Turn a ``torch.load(weights_only=True)`` failure into the matching error."""
     message = str(exc)
@@ -304,7 +386,7 @@ def _load_error(
             f"cannot read checkpoint {path} (truncated or corrupt?): "
             f"{message or type(exc).__name__}"
         )
-    names, blocker = _needed_globals(path, allow_globals, exc, mmap=mmap)
+    names, blocker = _needed_globals(path, allow_globals, exc, mmap=mmap, named=named)
     if names:
         return _unsafe_error(path, names, blocker, allow_globals)
     reason = _unpickler_reason(message)
@@ -318,20 +400,31 @@ def _load_error(
     )
 
 
-def _torch_load(path: Path, allow_globals: Sequence[str] = ()) -> Any:
+def _torch_load(
+    path: Path, allow_globals: Sequence[str] = (), limits: ReadLimits | None = None
+) -> Any:
     """Load a torch / Lightning file safely; every failure is a :class:`CheckpointError`.
 
     Zip-format files are verified (:func:`_verify_zip`) and then memory-mapped; legacy
-    files (which cannot be mapped) are read whole. ``weights_only=True`` is always passed
-    explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` has no effect.
+    files (which cannot be mapped) are read whole. Before either is loaded, every storage
+    its pickle claims is checked against the bytes behind it and its tensors are counted
+    (:func:`_check_storages`). ``weights_only=True`` is always passed explicitly, so
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` has no effect.
     """
+    limits = limits or ReadLimits()
     mmap = _is_zip(path)
-    if mmap:
-        _verify_zip(path)
+    scan = _check_storages(path, mmap, limits)
+    named = scan.globals if scan is not None else None
     try:
-        return _weights_only_load(path, allow_globals, mmap=mmap)
+        obj = _weights_only_load(path, allow_globals, mmap=mmap)
     except Exception as exc:
-        raise _load_error(path, exc, allow_globals, mmap=mmap) from exc
+        raise _load_error(path, exc, allow_globals, mmap=mmap, named=named) from exc
+    if scan is None:  # torch accepted what the scan could not follow: refuse, unchecked
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: cmdtool cannot check the storage sizes its pickle "
+            "claims (an unusual pickle); re-save it with torch.save"
+        )
+    return obj
 
 
 def _tensors_of(value: Any) -> dict[str, torch.Tensor]:
@@ -341,15 +434,23 @@ def _tensors_of(value: Any) -> dict[str, torch.Tensor]:
     return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def _select_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Find the dict of tensors in a loaded torch / Lightning checkpoint."""
+#: What ``state="averaged"`` picks first: Lightning's averaged weights, when both exist.
+_AVERAGED_KEYS = ("state_dict", "current_model_state", "model_state_dict", "model")
+STATES = ("raw", "averaged")
+
+
+def _select_state(
+    obj: Any, path: Path, state: str = "raw"
+) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Find the dict of tensors in a loaded torch / Lightning checkpoint (``state``:
+    ``"raw"`` prefers ``current_model_state``, ``"averaged"`` ``state_dict``)."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path} holds a {type(obj).__name__}, not a dict of tensors (a state dict)"
         )
     # A nested state dict wins over stray top-level tensors (a saved loss or metric);
     # in a flat state dict no value is a dict, so these keys never match there.
-    for key in _STATE_KEYS:
+    for key in _AVERAGED_KEYS if state == "averaged" else _STATE_KEYS:
         tensors = _tensors_of(obj.get(key))
         if tensors:
             return tensors, key
@@ -367,9 +468,20 @@ def _select_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | 
 class TorchReader:
     """Reader of one torch / Lightning file; tensors are memory-mapped when possible."""
 
-    def __init__(self, path: Path, allow_globals: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        path: Path,
+        allow_globals: Sequence[str] = (),
+        state: str = "raw",
+        limits: ReadLimits | None = None,
+    ) -> None:
         self.path = path
-        tensors, self.state_key = _select_state(_torch_load(path, allow_globals), path)
+        limits = limits or ReadLimits()
+        loaded = _torch_load(path, allow_globals, limits)
+        tensors, self.state_key = _select_state(loaded, path, state)
+        check_tensor_count(path, len(tensors), limits)
+        for name, tensor in tensors.items():
+            check_layout(path, name, tensor, limits)
         self._tensors: dict[str, torch.Tensor] | None = tensors
 
     def _live(self) -> dict[str, torch.Tensor]:

@@ -6,7 +6,10 @@ command modules share; each ``*_commands`` module registers its commands on ``ap
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -27,9 +31,51 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # plain click-style help: flags show as flags (no "<bool>"), defaults as "[default: X]"
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 200},
 )
-out = Console()
-err = Console(stderr=True)
+#: Control characters (C0, DEL, C1) and Unicode line/paragraph separators: a user string
+#: (a path, a tensor name, a label) holding one would break a message into several lines
+#: or send terminal escapes.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def plain(text: object) -> str:
+    """``text`` as one line: control characters shown escaped as in ``repr`` (``\\n``,
+    ``\\x1b``, ``\\u2028``); everything else as is."""
+
+    def esc(m: re.Match[str]) -> str:
+        c = m.group()
+        return _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+    return _CONTROL.sub(esc, str(text))
+
+
+class PlainConsole(Console):
+    """The CLI's consoles: text is plain, never rich markup (a path or tensor name such as
+    ``w/mk[/st]`` prints as is), and every string printed is one line (:func:`plain`, no
+    wrapping at the terminal width). A caller that wants markup passes ``markup=True`` and
+    escapes the user strings in it with :func:`rich.markup.escape`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(markup=False, **kwargs)
+        if "width" not in kwargs and not self.is_terminal:
+            # piped to a file or a program: no wrapping at 80 columns (tables keep their
+            # natural width; nothing printed expands to the console width)
+            self.width = UNWRAPPED_WIDTH
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        if objects and all(isinstance(o, str) for o in objects):
+            objects = tuple(plain(o) for o in objects)
+            kwargs.setdefault("soft_wrap", True)
+        super().print(*objects, **kwargs)
+
+
+UNWRAPPED_WIDTH = 100_000
+out = PlainConsole()
+err = PlainConsole(stderr=True)
 _state = {"debug": False}
 
 
@@ -39,13 +85,13 @@ def handle_errors() -> Iterator[None]:
     try:
         yield
     except CmdtoolError as exc:
-        if _state["debug"]:
-            raise
-        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        if _state["debug"]:  # the traceback, then the same line and the same exit code
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {escape(plain(exc))}", markup=True, highlight=False)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         if _state["debug"]:
-            raise
+            traceback.print_exc()
         err.print("interrupted; the store keeps only complete epochs and results")
         raise typer.Exit(130) from None
     except typer.Exit:
@@ -54,11 +100,10 @@ def handle_errors() -> Iterator[None]:
         if _state["debug"]:
             raise
         err.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(plain(exc))} "
             "(rerun with --debug for the traceback and report it)",
             markup=True,
             highlight=False,
-            soft_wrap=True,
         )
         raise typer.Exit(1) from None
 
@@ -89,7 +134,7 @@ def progress_bar(label: str, enabled: bool) -> Iterator[Callable[..., None] | No
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.fields[what]}"),
+        TextColumn("{task.fields[what]}", markup=False),  # a file name, say
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err,
@@ -124,6 +169,8 @@ def print_ingest(s: Any) -> None:
     )
     if s.skipped:
         out.print(f"already in the store: {len(s.skipped)} epoch(s)", highlight=False)
+    for f in getattr(s, "skipped_files", []):
+        err.print(f"note: skipped {f['path']}: {f['reason']}", highlight=False)
     for c in s.changed:
         err.print(
             f"warning: {c['source']} (epoch {c['label']}) changed after it was ingested; "
@@ -143,7 +190,7 @@ def print_modes(model: Any) -> None:
     table.add_column("share", justify="right")
     table.add_column("rel. error", justify="right")
     table.add_column("reference column", justify="right")
-    total = max(int(model.mode_sizes_.sum()), 1)
+    total = max(int(model.mode_sizes_.sum()) + model.n_constant_, 1)
     for m in range(model.n_modes_):
         table.add_row(
             str(m),
@@ -152,7 +199,22 @@ def print_modes(model: Any) -> None:
             f"{model.mode_errors_[m]:.4f}",
             str(int(model.ref_index_[m])),
         )
+    if model.n_constant_:
+        table.add_row(
+            "constant",
+            f"{model.n_constant_:,}",
+            f"{model.n_constant_ / total:.1%}",
+            "exact",
+            "(none: a = 0, b = the value)",
+        )
     out.print(table)
+    stats = model.summary_.get("stats_tensors") or []
+    if stats:
+        out.print(
+            f"normalization statistics: {len(stats)} tensor(s), rebuilt '"
+            f"{model.summary_.get('stats', 'model')}'",
+            highlight=False,
+        )
     out.print(
         f"relative reconstruction error over the window: {model.relative_error_:.4f} "
         f"({len(model.window_rows_)} epochs, {model.seconds_:.2f} s on {model.summary_['device']})",
@@ -173,6 +235,9 @@ def decompose_json(model: Any) -> dict[str, Any]:
         "samples": s["samples"],
         "seed": s["seed"],
         "device": s["device"],
+        "constant": s.get("constant", 0),
+        "stats": s.get("stats", "model"),
+        "stats_tensors": s.get("stats_tensors", []),
     }
 
 
@@ -193,6 +258,55 @@ def fmt(v: float | None) -> str:
     return "nan" if v is None or v != v else f"{v:.4f}"
 
 
+#: Exit status when the reader of stdout goes away (``cmdtool info S | head -1``): what a
+#: shell reports for a program ended by SIGPIPE (128 + 13), as ``yes | head -1`` does.
+EXIT_PIPE_CLOSED = 141
+
+
+class _PipeClosed(BaseException):
+    """stdout's reader is gone. A BaseException, like KeyboardInterrupt, so that it passes
+    through ``handle_errors`` and click's handlers to :func:`main`."""
+
+
+class _PipeGuard:
+    """``sys.stdout`` that turns a closed pipe into :class:`_PipeClosed`."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            raise _PipeClosed from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise _PipeClosed from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    A closed stdout pipe ends the command quietly (nothing on stderr) with exit status
+    :data:`EXIT_PIPE_CLOSED`; SIGPIPE itself stays ignored, so a write to the store is
+    never cut short by it (the command stops at its next print, between store writes).
+    """
+    stdout = sys.stdout
+    sys.stdout = _PipeGuard(stdout)  # type: ignore[assignment]
+    try:
+        try:
+            app()
+        finally:
+            sys.stdout.flush()
+    except _PipeClosed:
+        # nothing more can reach the reader; keep the interpreter's final flush quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stdout.fileno())
+        sys.stdout = stdout
+        sys.exit(EXIT_PIPE_CLOSED)

@@ -16,16 +16,17 @@ from cmdtool.cli.app import (
     fmt,
     handle_errors,
     out,
+    plain,
     progress_bar,
 )
 
+EVAL_HELP = (
+    "Function (state dict -> dict of metric -> float): pkg.mod:fn or path/file.py:fn. "
+    "The file is run as code, like 'python file.py': use only code you trust."
+)
 EvalOpt = Annotated[
     str | None,
-    typer.Option(
-        "--eval",
-        metavar="MODULE:FUNCTION",
-        help="Function (state dict -> dict of metric -> float): pkg.mod:fn or path/file.py:fn.",
-    ),
+    typer.Option("--eval", metavar="MODULE:FUNCTION", help=EVAL_HELP),
 ]
 
 
@@ -35,11 +36,7 @@ def evaluate(
     store: StoreArg,
     eval_target: Annotated[
         str,
-        typer.Option(
-            "--eval",
-            metavar="MODULE:FUNCTION",
-            help="Function (state dict -> dict of metric -> float): pkg.mod:fn or path/file.py:fn.",
-        ),
+        typer.Option("--eval", metavar="MODULE:FUNCTION", help=EVAL_HELP),
     ],
     epochs: Annotated[
         str, typer.Option("--epochs", help="last, all, A:B (labels) or 3,7,10.")
@@ -51,7 +48,7 @@ def evaluate(
             "--fail-if-worse",
             metavar="METRIC[:TOL]",
             help="Exit 10 if CMD's mean METRIC over the last 10 epochs evaluated is below "
-            "raw's minus TOL (default 0).",
+            "raw's minus TOL (TOL 0 when not given).",
         ),
     ] = None,
     as_json: JsonOpt = False,
@@ -69,8 +66,8 @@ def evaluate(
         table = Table(title=f"raw and CMD ('{name}') checkpoints")
         table.add_column("epoch", justify="right")
         for m in result.metrics:
-            table.add_column(f"{m} raw", justify="right")
-            table.add_column(f"{m} CMD", justify="right")
+            table.add_column(f"{plain(m)} raw", justify="right")
+            table.add_column(f"{plain(m)} CMD", justify="right")
         for i, label in enumerate(result.epochs):
             cells = [str(label)]
             for m in result.metrics:
@@ -97,14 +94,14 @@ def sweep(
     ] = "1,2,5,10,20",
     eval_target: EvalOpt = None,
     samples: Annotated[
-        int | None, typer.Option("--samples", help="K (default: the decomposition's).")
+        int | None, typer.Option("--samples", help="K. [default: the decomposition's]")
     ] = None,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="Sampling seed (default: the decomposition's).")
+        int | None, typer.Option("--seed", help="Sampling seed. [default: the decomposition's]")
     ] = None,
     epochs: Annotated[
         str | None,
-        typer.Option("--epochs", help="Window A:B (half-open; default: the decomposition's)."),
+        typer.Option("--epochs", help="Window A:B (half-open). [default: the decomposition's]"),
     ] = None,
     name: NameOpt = "cmd",
     as_json: JsonOpt = False,
@@ -136,7 +133,7 @@ def sweep(
     table.add_column("found", justify="right")
     table.add_column("rel. error", justify="right")
     for metric in result.metrics:
-        table.add_column(f"{metric} CMD @ {result.epoch}", justify="right")
+        table.add_column(f"{plain(metric)} CMD @ {result.epoch}", justify="right")
     for i, m in enumerate(result.modes):
         cells = [str(m), str(result.n_modes_found[i]), f"{result.relative_error[i]:.4f}"]
         cells += [fmt(result.metrics[k][i]) for k in result.metrics]

@@ -24,25 +24,42 @@ from cmdtool.cli.app import (
     progress_bar,
 )
 
+# the decomposition options, shared by `decompose` and `run`
+ModesOpt = Annotated[int | None, typer.Option("--modes", help="Number of modes. [default: 10]")]
+ThresholdOpt = Annotated[
+    float | None, typer.Option("--threshold", help="Cut at t x max distance (0 < t <= 1).")
+]
+WindowOpt = Annotated[
+    str | None,
+    typer.Option("--epochs", help="Window of epoch labels A:B (half-open). [default: all epochs]"),
+]
+StrideOpt = Annotated[int, typer.Option("--stride", help="Every S-th epoch of the window.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Sampling seed.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+StatsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--stats",
+        help="Normalization statistics in rebuilt checkpoints: gated, raw, model, "
+        "positive or clamp. [default: gated; model for a store made before cmdtool "
+        "recognised statistics]",
+    ),
+]
+
 
 @app.command()
 def decompose(
     store: StoreArg,
-    modes: Annotated[
-        int | None, typer.Option("--modes", help="Number of modes (default 10).")
-    ] = None,
-    threshold: Annotated[
-        float | None, typer.Option("--threshold", help="Cut at t x max distance (0 < t <= 1).")
-    ] = None,
+    modes: ModesOpt = None,
+    threshold: ThresholdOpt = None,
     samples: Annotated[int, typer.Option("--samples", help="K, sampled parameters.")] = 1000,
-    epochs: Annotated[
-        str | None, typer.Option("--epochs", help="Window of epoch labels A:B (half-open).")
-    ] = None,
-    stride: Annotated[int, typer.Option("--stride", help="Every S-th epoch of the window.")] = 1,
-    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    epochs: WindowOpt = None,
+    stride: StrideOpt = 1,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
     name: NameOpt = "cmd",
     cluster: ClusterOpt = None,
+    stats: StatsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the modes of STORE and fit every parameter to one (CMD)."""
@@ -61,6 +78,7 @@ def decompose(
             seed=seed,
             device=device,
             cluster=cluster,
+            stats=stats,
         ).fit(store, name=name, progress=(lambda d, t: bar(d, t)) if bar else None)
     if as_json:
         emit_json(decompose_json(model))
@@ -71,15 +89,33 @@ def decompose(
 @app.command()
 def reconstruct(
     store: StoreArg,
-    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder for the checkpoints.")],
+    out_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="OUT",
+            help="Folder for the checkpoints, or one file (*.safetensors, *.pt) for one epoch.",
+        ),
+    ],
     epochs: Annotated[
         str, typer.Option("--epochs", help="last, all, A:B (labels) or 3,7,10.")
     ] = "last",
     name: NameOpt = "cmd",
-    fmt: Annotated[str, typer.Option("--format", help="safetensors or pt.")] = "safetensors",
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="safetensors or pt. [default: safetensors, or OUT's suffix]"),
+    ] = None,
     raw: Annotated[
         bool, typer.Option("--raw", help="Write the stored epochs themselves, not the model's.")
     ] = False,
+    layout: Annotated[
+        str,
+        typer.Option(
+            "--layout",
+            metavar="flat|source",
+            help="flat: OUT/epoch_<label>.<format>; source: each epoch at OUT/<its source "
+            "path>, in the layout it came from (HF folder, Lightning .ckpt, DCP folder).",
+        ),
+    ] = "flat",
     cluster: ClusterOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -96,6 +132,7 @@ def reconstruct(
             raw=raw,
             cluster=cluster,
             progress=bar,
+            layout=layout,
         )
     if as_json:
         emit_json(vars(summary))
@@ -108,7 +145,7 @@ def report(
     store: StoreArg,
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", metavar="DIR", help="Report folder (default STORE/../report)."),
+        typer.Option("--out", metavar="DIR", help="Report folder. [default: STORE/../report]"),
     ] = None,
     name: NameOpt = "cmd",
     force: Annotated[
@@ -119,10 +156,14 @@ def report(
     """Write DIR/report.html (self-contained), the figures as PNG files and report.json."""
     from cmdtool.decomposition import CMD
     from cmdtool.report import write_report
+    from cmdtool.store.results import retry_republished
+
+    def once() -> tuple[Any, Any]:
+        model = CMD.load(store, name)  # the table printed is that of the version reported
+        return model, write_report(store, out_dir, name=name, force=force, pin=model.pin_)
 
     with handle_errors():
-        summary = write_report(store, out_dir, name=name, force=force)
-        model = None if as_json else CMD.load(store, name)
+        model, summary = retry_republished(f"decomposition {name!r} of store {store}", once)
     if as_json:
         emit_json(vars(summary))
         return
@@ -145,13 +186,39 @@ def run(
     out_dir: Annotated[
         Path, typer.Argument(metavar="OUT", help="Folder for the store and results.")
     ],
+    modes: ModesOpt = None,
+    threshold: ThresholdOpt = None,
+    samples: Annotated[
+        int | None, typer.Option("--samples", help="K, sampled parameters. [default: min(1000, N)]")
+    ] = None,
+    epochs: WindowOpt = None,
+    stride: StrideOpt = 1,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    cluster: ClusterOpt = None,
+    stats: StatsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Ingest SOURCE into OUT/store.zarr, decompose, rebuild the last epoch, write OUT/report."""
+    """Ingest SOURCE into OUT/store.zarr, decompose, rebuild the last epoch, write OUT/report.
+
+    The decomposition takes the options of 'cmdtool decompose'."""
     from cmdtool.pipeline import run_all
 
     with handle_errors(), progress_bar("run", not as_json) as bar:
-        result = run_all(source, out_dir, progress=bar)
+        result = run_all(
+            source,
+            out_dir,
+            progress=bar,
+            modes=modes,
+            threshold=threshold,
+            samples=samples,
+            epochs=epochs,
+            stride=stride,
+            seed=seed,
+            device=device,
+            stats=stats,
+            cluster=cluster,
+        )
     if as_json:
         emit_json(
             {

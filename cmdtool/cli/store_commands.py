@@ -21,9 +21,37 @@ from cmdtool.cli.app import (
     handle_errors,
     labels_text,
     out,
+    plain,
     print_ingest,
     progress_bar,
 )
+
+# What one checkpoint may hold (cmdtool/checkpoints/limits.py; the defaults are repeated
+# here so that the CLI does not import torch to draw --help; a test keeps them equal).
+DEFAULT_MAX_PARAMS = 2**34
+DEFAULT_MAX_TENSORS = 100_000
+AllowExpandedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-expanded",
+        help="Ingest stride-0 (expanded) or overlapping views of a torch file at their full "
+        "logical size instead of refusing them.",
+    ),
+]
+MaxParamsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-params",
+        metavar="N",
+        help="Refuse a checkpoint whose tensors hold more elements than N in all.",
+    ),
+]
+MaxTensorsOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-tensors", metavar="N", help="Refuse a checkpoint file holding more tensors."
+    ),
+]
 
 
 @app.command()
@@ -42,6 +70,15 @@ def ingest(
     allow_nonfinite: Annotated[
         bool, typer.Option("--allow-nonfinite", help="Store NaN/Inf instead of refusing.")
     ] = False,
+    stats_pattern: Annotated[
+        str | None,
+        typer.Option(
+            "--stats-pattern",
+            metavar="REGEX",
+            help="Names of the normalization statistics (fixed at creation). "
+            "[default: (^|\\.)running_(mean|var)$]",
+        ),
+    ] = None,
     allow_global: Annotated[
         list[str] | None,
         typer.Option(
@@ -55,6 +92,27 @@ def ingest(
         int,
         typer.Option("--readers", help="Checkpoints read ahead concurrently (0: none)."),
     ] = 2,
+    label_by: Annotated[
+        str,
+        typer.Option(
+            "--labels",
+            metavar="step|epoch",
+            help="Label Hugging Face checkpoint-<step>/ folders by their step, or by the "
+            "epoch in their trainer_state.json.",
+        ),
+    ] = "step",
+    state: Annotated[
+        str,
+        typer.Option(
+            "--state",
+            metavar="raw|averaged",
+            help="Lightning files with weight averaging: the raw (current_model_state) or "
+            "the averaged (state_dict) weights.",
+        ),
+    ] = "raw",
+    allow_expanded: AllowExpandedOpt = False,
+    max_params: MaxParamsOpt = DEFAULT_MAX_PARAMS,
+    max_tensors: MaxTensorsOpt = DEFAULT_MAX_TENSORS,
     then_update: Annotated[
         bool,
         typer.Option(
@@ -73,8 +131,14 @@ def ingest(
         "include": include,
         "exclude": exclude,
         "allow_nonfinite": allow_nonfinite,
+        "stats_pattern": stats_pattern,
         "allow_globals": allow_global or (),
         "readers": readers,
+        "label_by": label_by,
+        "state": state,
+        "allow_expanded": allow_expanded,
+        "max_params": max_params,
+        "max_tensors": max_tensors,
     }
     with handle_errors(), progress_bar("ingest", not as_json) as bar:
         if then_update:
@@ -125,7 +189,8 @@ def info(store: StoreArg, as_json: JsonOpt = False) -> None:
         emit_json(d)
         return
     labels = d["labels"]
-    out.print(f"store {d['store']} (format v{d['format_version']})", highlight=False)
+    checks = "" if d["checksums"] else ", no checksums: 'cmdtool upgrade' adds them"
+    out.print(f"store {d['store']} (format v{d['format_version']}{checks})", highlight=False)
     out.print(
         f"{d['n_epochs']} epochs"
         + (f", labels {labels[0]}..{labels[-1]}" if labels else "")
@@ -137,18 +202,78 @@ def info(store: StoreArg, as_json: JsonOpt = False) -> None:
     for col in ("name", "shape", "dtype", "offset", "modeled"):
         table.add_column(col)
     for p in d["params"]:
-        table.add_row(p["name"], str(tuple(p["shape"])), p["dtype"], str(p["offset"]), "yes")
+        table.add_row(plain(p["name"]), str(tuple(p["shape"])), p["dtype"], str(p["offset"]), "yes")
     for e in d["extras"]:
-        table.add_row(e["name"], str(tuple(e["shape"])), e["dtype"], "", "no")
+        table.add_row(plain(e["name"]), str(tuple(e["shape"])), e["dtype"], "", "no")
     out.print(table)
+    st = d["stats"]
+    out.print(
+        f"normalization statistics ({st['pattern']!r}"
+        + ("" if st["recorded"] else ", the default: the store predates the rule")
+        + f"): {', '.join(st['tensors']) or 'none'}",
+        highlight=False,
+    )
     for r in d["decompositions"]:
         out.print(
-            f"decomposition '{r['name']}': {r['n_modes']} modes, window {r['window']} "
-            f"stride {r['stride']}, relative error {r['relative_error']:.4f}",
+            f"decomposition '{r['name']}': {r['n_modes']} modes, {r['constant']:,} constant "
+            f"parameters, statistics '{r['stats']}'"
+            + ("" if r["stats_recorded"] else " (made before cmdtool treated them)")
+            + f", window {r['window']} stride {r['stride']}, relative error "
+            f"{r['relative_error']:.4f}",
             highlight=False,
         )
     if not d["decompositions"]:
         out.print("no decomposition yet: run 'cmdtool decompose'", highlight=False)
+
+
+@app.command()
+def verify(store: StoreArg, as_json: JsonOpt = False) -> None:
+    """Read every committed chunk of STORE and its decompositions; list what is damaged
+    (exit 6 if anything is)."""
+    from cmdtool.errors import StoreError
+    from cmdtool.store.verify import verify as run_verify
+
+    with handle_errors(), progress_bar("verify", not as_json) as bar:
+        report = run_verify(store, progress=bar)
+    if as_json:
+        emit_json({**vars(report), "ok": report.ok})
+    else:
+        for problem in report.problems:
+            out.print(f"damaged: {problem}", highlight=False)
+        checks = "crc32c" if report.checksummed else "sizes only (format v1: no checksums)"
+        out.print(
+            f"store {report.store} (format v{report.format_version}): {report.chunks:,} chunks "
+            f"of {report.arrays} arrays read, {report.bytes_read / 1e6:.1f} MB, "
+            f"{checks}, {report.seconds:.1f} s: "
+            + ("no damage" if report.ok else f"{len(report.problems)} problem(s)"),
+            highlight=False,
+        )
+    if not report.ok:
+        with handle_errors():
+            raise StoreError(
+                f"store {report.store} is damaged: {len(report.problems)} problem(s), the "
+                f"first: {report.problems[0]}"
+            )
+
+
+@app.command()
+def upgrade(store: StoreArg, as_json: JsonOpt = False) -> None:
+    """Rewrite a format-v1 STORE as format v2 (a checksum on every chunk), in place."""
+    from cmdtool.store.upgrade import upgrade as run_upgrade
+
+    with handle_errors(), progress_bar("upgrade", not as_json) as bar:
+        s = run_upgrade(store, progress=bar)
+    if as_json:
+        emit_json(vars(s))
+    elif s.from_version == s.to_version:
+        out.print(f"store {s.store} is already format v{s.to_version}", highlight=False)
+    else:
+        out.print(
+            f"upgraded {s.store} from format v{s.from_version} to v{s.to_version}: "
+            f"{len(s.arrays)} arrays rewritten, {s.bytes_written / 1e6:.1f} MB, "
+            f"{s.seconds:.1f} s",
+            highlight=False,
+        )
 
 
 def _emit_json_line(data: dict[str, Any]) -> None:
@@ -160,12 +285,13 @@ def _emit_json_line(data: dict[str, Any]) -> None:
 def _print_watch_event(event: Any, warmup: int) -> None:
     head = f"[bold]epoch {event.label}[/]"
     if event.phase == "warmup":
-        out.print(f"{head}  warm-up {event.n_epochs}/{warmup}", highlight=False)
+        out.print(f"{head}  warm-up {event.n_epochs}/{warmup}", markup=True, highlight=False)
         return
     what = "decomposed: " if event.phase == "decomposed" else ""
     out.print(
         f"{head}  {what}modes {event.n_modes}  rel.err {fmt(event.relative_error)}  "
         f"{event.seconds:.2f} s",
+        markup=True,
         highlight=False,
     )
 
@@ -188,6 +314,18 @@ def watch(
             help="Stop after S seconds without a new epoch; without it, run until Ctrl-C.",
         ),
     ] = None,
+    settle: Annotated[
+        float | None,
+        typer.Option(
+            "--settle",
+            metavar="S",
+            help="A complete file is ingested once unchanged for S seconds. "
+            "[default: 5 x --interval]",
+        ),
+    ] = None,
+    allow_expanded: AllowExpandedOpt = False,
+    max_params: MaxParamsOpt = DEFAULT_MAX_PARAMS,
+    max_tensors: MaxTensorsOpt = DEFAULT_MAX_TENSORS,
     name: NameOpt = "cmd",
     modes: Annotated[int, typer.Option("--modes", help="Number of modes.")] = 10,
     samples: Annotated[int, typer.Option("--samples", help="K, sampled parameters.")] = 1000,
@@ -220,6 +358,10 @@ def watch(
             warmup=warmup,
             interval=interval,
             until_idle=until_idle,
+            settle=settle,
+            allow_expanded=allow_expanded,
+            max_params=max_params,
+            max_tensors=max_tensors,
             name=name,
             n_modes=modes,
             n_samples=samples,

@@ -17,14 +17,30 @@ from typing import Any
 import numpy as np
 
 from cmdtool.backends import Backend, check_request, open_backend
+from cmdtool.decomposition.normstats import stats_labels, store_stats, window_fit
 from cmdtool.errors import UsageError
 from cmdtool.method.clustering import find_modes
 from cmdtool.method.running import relative_errors
 from cmdtool.method.sampling import sample_from_pool, sample_indices
 from cmdtool.store import RESULT_ATTR, RESULT_COLUMNS, TrajectoryStore, as_store, check_result_name
 from cmdtool.store.epochs import select_window
+from cmdtool.store.integrity import create_array
+from cmdtool.store.normstats import (
+    DEFAULT_STATS,
+    LEGACY_STATS,
+    check_stats_choice,
+    stats_columns,
+    stats_pattern_of,
+)
+from cmdtool.store.results import ResultPin
 
 Progress = Callable[[int, int], None]
+#: The constant rule, as recorded in each decomposition's attributes (``constant_rule``).
+CONSTANT_RULE = (
+    "constant over the window when max - min <= 4 * eps32 * max(|max|, |min|) "
+    "(eps32 = 2**-23): not clustered, never a reference, a = 0, b = its mean "
+    "(its value when exactly constant), counted in 'constant', not in mode_sizes"
+)
 #: Fewest epochs a window must hold (a correlation of two points is always +-1).
 MIN_EPOCHS = 3
 
@@ -50,6 +66,11 @@ class CMD:
         Seed of the sampling.
     device : str, default "auto"
         Torch device of the streamed pass: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    stats : str, optional
+        How rebuilt checkpoints hold the normalization statistics (``running_mean``,
+        ``running_var``): one of :data:`cmdtool.store.normstats.STATS_CHOICES`, recorded
+        with the decomposition. Default ``gated``; ``model`` for a store made before
+        cmdtool recognised statistics.
     cluster : str, optional
         Run the streamed pass as Dask tasks on this ``dask.distributed`` scheduler
         address, or ``"local"`` for a LocalCluster started for the fit (needs
@@ -69,14 +90,22 @@ class CMD:
     window_rows_ : ndarray, int64, shape (T',)
         Store rows of the window.
     mode_sizes_ : ndarray, int64, shape (M,)
-        Parameters assigned to each mode.
+        Parameters assigned to each mode (constant parameters are in none).
+    n_constant_ : int
+        Parameters constant over the window (modelled exactly: ``a = 0``, ``b`` = the
+        constant; ``docs/design.md``, "Constant parameters and normalization
+        statistics").
     relative_error_ : float
         ``||W - W_hat||_F / ||W||_F`` over the window.
     mode_errors_ : ndarray, float64, shape (M,)
         The same ratio restricted to each mode's parameters.
     labels_, a_, b_ : ndarray, shape (N,)
         Mode (int32) and affine coefficients (float32) of every parameter, read from
-        the store when first accessed.
+        the store when accessed, always from the version in ``pin_``.
+    pin_ : ResultPin
+        The published version of the decomposition this estimator holds (its folder and
+        ``cmdtool_generation`` token); reads after it was republished raise
+        ResultChangedError.
     """
 
     def __init__(
@@ -90,6 +119,7 @@ class CMD:
         seed: int = 0,
         device: str = "auto",
         cluster: str | None = None,
+        stats: str | None = None,
     ) -> None:
         self.n_modes = n_modes
         self.threshold = threshold
@@ -99,6 +129,7 @@ class CMD:
         self.seed = seed
         self.device = device
         self.cluster = cluster
+        self.stats = stats
 
     # ---------------------------------------------------------------- checking
     def _check(self, store: TrajectoryStore) -> tuple[np.ndarray, int | None]:
@@ -120,6 +151,8 @@ class CMD:
                 f"modes={n_modes} must be >= 1 and <= the number of sampled parameters "
                 f"{self.n_samples}"
             )
+        if self.stats is not None:
+            check_stats_choice(self.stats)
         if store.n_epochs == 0:
             raise UsageError(f"store {store.path} holds no epoch; run 'cmdtool ingest' first")
         rows = select_window(store.labels, self.epochs, self.stride)
@@ -151,9 +184,7 @@ class CMD:
         check_request(store, self.cluster, self.device)
         st = as_store(store, "r+")
         try:
-            self._check(st)  # bad settings fail before a device or cluster is used
-            with open_backend(self.cluster, self.device) as backend:
-                self._fit(st, name, progress, backend)
+            self._fit(st, name, progress)
         finally:
             if st is not store:
                 st.close()  # release the write lock; the estimator keeps reading
@@ -164,9 +195,20 @@ class CMD:
         st: TrajectoryStore,
         name: str,
         progress: Progress | None,
-        backend: Backend,
     ) -> None:
-        rows, n_modes = self._check(st)
+        rows, n_modes = self._check(st)  # bad settings fail before a device or cluster is used
+        with open_backend(self.cluster, self.device) as backend:
+            self._fit_on(st, name, progress, backend, rows, n_modes)
+
+    def _fit_on(
+        self,
+        st: TrajectoryStore,
+        name: str,
+        progress: Progress | None,
+        backend: Backend,
+        rows: np.ndarray,
+        n_modes: int | None,
+    ) -> None:
         t0 = time.perf_counter()
 
         sizes = [p.size for p in st.params]
@@ -186,24 +228,19 @@ class CMD:
             n = st.n_params
             chunk = st.chunk
             arrays = {
-                key: group.create_array(
-                    key,
-                    shape=(n,),
-                    chunks=(min(chunk, n),),
-                    dtype=dt,
-                    compressors=None,
-                    fill_value=0,
-                )
+                key: create_array(group, key, shape=(n,), chunks=(min(chunk, n),), dtype=dt)
                 for key, dt in RESULT_COLUMNS
             }
             totals = backend.fit_pass(st, rows, ref_traj, arrays, progress)
             used = totals.device
             err2, sq, count = totals.err2, totals.sq, totals.count
-            group.create_array("ref_index", data=ref_index.astype(np.int64))
-            group.create_array("ref_traj", data=ref_traj.astype(np.float32))
-            group.create_array("sample_index", data=sample_index.astype(np.int64))
+            create_array(group, "ref_index", data=ref_index.astype(np.int64))
+            create_array(group, "ref_traj", data=ref_traj.astype(np.float32))
+            create_array(group, "sample_index", data=sample_index.astype(np.int64))
+            stats, stats_names = self._write_stats(st, group, rows, ref_index)
             seconds = time.perf_counter() - t0
             rel, mode_err = relative_errors(err2, sq)
+            count, mode_err = count[:m], mode_err[:m]  # slot m: the constant parameters
             attrs: dict[str, Any] = {
                 "format_version": 1,
                 "method": "cmd",
@@ -219,13 +256,34 @@ class CMD:
                 "mode_sizes": [int(c) for c in count],
                 "relative_error": rel,
                 "mode_errors": [float(e) for e in mode_err],
+                "constant": int(totals.count[m]),
+                "constant_samples": int(modes.constant.sum()),
+                "constant_rule": CONSTANT_RULE,
+                "stats": stats,
+                "stats_tensors": stats_names,
                 "seconds": seconds,
                 "device": used,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             group.attrs.put({RESULT_ATTR: attrs})
-            st.publish_result(name)
+            pin = st.publish_result(name)
         self._set_learned(st, name, attrs, ref_index, ref_traj, sample_index)
+        self.pin_ = pin
+
+    def _write_stats(
+        self, st: TrajectoryStore, group: Any, rows: np.ndarray, ref_index: np.ndarray
+    ) -> tuple[str, list[str]]:
+        """The statistics treatment and tensors of this fit; the window arrays of the
+        ``positive`` / ``clamp`` treatments go into the partial ``group``."""
+        _, recorded = stats_pattern_of(st.filters)
+        stats = self.stats or (DEFAULT_STATS if recorded else LEGACY_STATS)
+        tensors = store_stats(st)
+        if tensors and stats in ("positive", "clamp"):
+            cols, _ = stats_columns(tensors)
+            fit = window_fit(st, rows, ref_index, stats_labels(group, cols))
+            for key, values in fit.items():
+                create_array(group, key, data=values)
+        return stats, [t.name for t in tensors]
 
     def partial_fit(
         self,
@@ -250,9 +308,7 @@ class CMD:
         st = as_store(store, "r+")
         try:
             if name not in st.result_names():
-                self._check(st)
-                with open_backend(self.cluster, self.device) as backend:
-                    self._fit(st, name, progress, backend)
+                self._fit(st, name, progress)
             else:
                 update(st, name, progress=progress)
                 loaded = CMD.load(st, name)
@@ -264,6 +320,7 @@ class CMD:
                     loaded.ref_traj_,
                     loaded.sample_index_,
                 )
+                self.pin_ = loaded.pin_
         finally:
             if st is not store:
                 st.close()
@@ -272,10 +329,26 @@ class CMD:
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(cls, store: TrajectoryStore | str | os.PathLike[str], name: str = "cmd") -> CMD:
-        """A fitted estimator from the decomposition ``name`` saved in ``store``."""
+        """A fitted estimator from the decomposition ``name`` saved in ``store``.
+
+        The estimator is pinned to the published version it read (``pin_``): a writer that
+        republishes ``name`` during the load makes it start again, and once ``name`` is
+        replaced, reading ``labels_``, ``a_`` or ``b_`` raises ResultChangedError (load it
+        again) instead of mixing the two versions.
+        """
         st = as_store(store, "r")
-        group = st.open_result(name)
-        attrs: dict[str, Any] = dict(group.attrs[RESULT_ATTR])  # type: ignore[arg-type]
+
+        def read(pin: ResultPin, group: Any) -> tuple[Any, ...]:
+            attrs: dict[str, Any] = dict(group.attrs[RESULT_ATTR])
+            return (
+                pin,
+                attrs,
+                np.asarray(group["ref_index"][:], dtype=np.int64),
+                np.asarray(group["ref_traj"][:], dtype=np.float32),
+                np.asarray(group["sample_index"][:], dtype=np.int64),
+            )
+
+        pin, attrs, ref_index, ref_traj, sample_index = st.read_result(name, read)
         est = cls(
             attrs.get("requested_modes"),
             threshold=attrs.get("threshold"),
@@ -284,15 +357,10 @@ class CMD:
             stride=attrs.get("stride", 1),
             seed=attrs.get("seed", 0),
             device=attrs.get("device", "auto"),
+            stats=attrs.get("stats", LEGACY_STATS),
         )
-        est._set_learned(
-            st,
-            name,
-            attrs,
-            np.asarray(group["ref_index"][:], dtype=np.int64),  # type: ignore[index]
-            np.asarray(group["ref_traj"][:], dtype=np.float32),  # type: ignore[index]
-            np.asarray(group["sample_index"][:], dtype=np.int64),  # type: ignore[index]
-        )
+        est._set_learned(st, name, attrs, ref_index, ref_traj, sample_index)
+        est.pin_ = pin
         return est
 
     def _set_learned(
@@ -313,6 +381,7 @@ class CMD:
         self.sample_index_ = sample_index
         self.window_rows_ = np.asarray(attrs["rows"], dtype=np.int64)
         self.mode_sizes_ = np.asarray(attrs["mode_sizes"], dtype=np.int64)
+        self.n_constant_ = int(attrs.get("constant", 0))
         self.relative_error_ = float(attrs["relative_error"])
         self.mode_errors_ = np.asarray(attrs["mode_errors"], dtype=np.float64)
         self.seconds_ = float(attrs["seconds"])
@@ -320,7 +389,22 @@ class CMD:
     def _result_array(self, key: str) -> np.ndarray:
         if not hasattr(self, "store_"):
             raise AttributeError(f"{key}_ is set by fit(); call fit() or CMD.load() first")
-        return np.asarray(self.store_.open_result(self.name_)[key][:])  # type: ignore[index]
+        return self.read_pinned(lambda group: np.asarray(group[key][:]))  # type: ignore[no-any-return]
+
+    def read_pinned(self, read: Callable[[Any], Any]) -> Any:
+        """``read(group)`` on the results group of the version this estimator was fitted
+        on or loaded from (``pin_``).
+
+        Raises
+        ------
+        ResultChangedError
+            The decomposition was republished since (load it again).
+        """
+        pin: ResultPin | None = getattr(self, "pin_", None)
+        if pin is None:  # pragma: no cover - every fit and load sets pin_
+            return read(self.store_.open_result(self.name_))
+        with pin.guard("after it was loaded; load it again (CMD.load)"):
+            return read(self.store_.open_pinned(pin))
 
     @property
     def labels_(self) -> np.ndarray:
@@ -333,3 +417,18 @@ class CMD:
     @property
     def b_(self) -> np.ndarray:
         return self._result_array("b")
+
+    @property
+    def constant_(self) -> np.ndarray:
+        """bool (N,): parameters constant over the window (all False for a decomposition
+        made before cmdtool knew the constant rule)."""
+        if not hasattr(self, "store_"):
+            raise AttributeError("constant_ is set by fit(); call fit() or CMD.load() first")
+        n = self.store_.n_params
+
+        def read(group: Any) -> np.ndarray:
+            if "constant" not in group:
+                return np.zeros(n, dtype=bool)
+            return np.asarray(group["constant"][:], dtype=bool)
+
+        return self.read_pinned(read)  # type: ignore[no-any-return]

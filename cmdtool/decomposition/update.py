@@ -32,6 +32,8 @@ from cmdtool.method.running import (
     relative_errors,
 )
 from cmdtool.store import RESULT_ATTR, RESULT_COLUMNS, TrajectoryStore, as_store, check_result_name
+from cmdtool.store.integrity import create_array
+from cmdtool.store.layout import OPTIONAL_RESULT_COLUMNS
 
 if TYPE_CHECKING:
     from cmdtool.ingestion import IngestSummary
@@ -133,6 +135,8 @@ def _check(st: TrajectoryStore, group: zarr.Group, name: str) -> None:
             "it was made by an older cmdtool; run 'cmdtool decompose' again to update it later"
         )
     for key, _ in RESULT_COLUMNS:
+        if key in OPTIONAL_RESULT_COLUMNS and key not in group:
+            continue
         shape = group[key].shape  # type: ignore[union-attr]
         if shape != (st.n_params,):
             raise MismatchError(
@@ -161,35 +165,48 @@ def _fold(
 
     n, chunk = st.n_params, st.chunk
     arrays = {
-        key: group.create_array(
-            key, shape=(n,), chunks=(min(chunk, n),), dtype=dt, compressors=None, fill_value=0
-        )
+        key: create_array(group, key, shape=(n,), chunks=(min(chunk, n),), dtype=dt)
         for key, dt in RESULT_COLUMNS
     }
-    err2, sq, count = np.zeros(m), np.zeros(m), np.zeros(m, dtype=np.int64)
+    # slots 0..m-1: the modes; slot m: the parameters constant over the first window
+    err2, sq, count = np.zeros(m + 1), np.zeros(m + 1), np.zeros(m + 1, dtype=np.int64)
+    has_constant = "constant" in old
     for start, stop in st.column_blocks():
         labels = torch.from_numpy(np.asarray(old["labels"][start:stop])).to(torch.int64)  # type: ignore[index]
+        constant = torch.from_numpy(
+            np.asarray(old["constant"][start:stop], dtype=bool)  # type: ignore[index]
+            if has_constant
+            else np.zeros(stop - start, dtype=bool)
+        )
         sums = ParamSums(
             *(torch.from_numpy(np.asarray(old[k][start:stop], dtype=np.float64)) for k in SUMS)  # type: ignore[index]
         )
-        sums.fold(st.read_block(rows, start, stop), ref_new, refs, labels)
-        coef = coefficients(sums, refs, labels)
+        block = st.read_block(rows, start, stop)
+        sums.fold(block, ref_new, refs, labels)
+        coef = coefficients(sums, refs, labels, constant)
+        b = coef.b.to(torch.float32).numpy()
+        # a constant that has not moved keeps its value bit for bit
+        old_b = np.asarray(old["b"][start:stop], dtype=np.float32)  # type: ignore[index]
+        still = constant.numpy() & np.all(block == old_b, axis=0)
+        b[still] = old_b[still]
         arrays["labels"][start:stop] = labels.to(torch.int32).numpy()
         arrays["a"][start:stop] = coef.a.to(torch.float32).numpy()
-        arrays["b"][start:stop] = coef.b.to(torch.float32).numpy()
+        arrays["b"][start:stop] = b
+        arrays["constant"][start:stop] = constant.numpy()
         for key in SUMS:
             arrays[key][start:stop] = getattr(sums, key).numpy()
-        e, s, c = mode_totals(labels, coef, m)
+        e, s, c = mode_totals(labels, coef, m, constant)
         err2 += e
         sq += s
         count += c
         if progress is not None:
             progress(stop, n)
 
-    group.create_array("ref_index", data=ref_index)
-    group.create_array("ref_traj", data=np.concatenate([ref_traj, ref_new.T], axis=1))
-    group.create_array("sample_index", data=np.asarray(old["sample_index"][:], dtype=np.int64))  # type: ignore[index]
+    create_array(group, "ref_index", data=ref_index)
+    create_array(group, "ref_traj", data=np.concatenate([ref_traj, ref_new.T], axis=1))
+    create_array(group, "sample_index", data=np.asarray(old["sample_index"][:], dtype=np.int64))  # type: ignore[index]
     rel, per_mode = relative_errors(err2, sq)
+    per_mode, n_constant, count = per_mode[:m], int(count[m]), count[:m]
     all_rows = [*attrs["rows"], *(int(r) for r in rows)]
     first = st.labels[all_rows[0]]
     attrs.update(
@@ -200,6 +217,7 @@ def _fold(
             "mode_sizes": [int(c) for c in count],
             "relative_error": rel,
             "mode_errors": [float(e) for e in per_mode],
+            "constant": n_constant,
             "updates": int(attrs.get("updates", 0)) + 1,
             "updated": datetime.now(UTC).isoformat(timespec="seconds"),
             "update_seconds": time.perf_counter() - t0,

@@ -33,6 +33,7 @@ from cmdtool.store import (
     as_store,
 )
 from cmdtool.store.epochs import select_epochs
+from cmdtool.store.results import retry_republished
 
 EVAL_ATTR = "cmdtool_evaluation"
 #: Epochs at the end of the evaluated ones that ``--fail-if-worse`` compares.
@@ -124,6 +125,27 @@ def evaluate(
     model = CMD.load(st, name)
     rows = select_epochs(st.labels, epochs)
     labels = [st.labels[int(r)] for r in rows]
+    # one published version throughout: a republish of `name` during the evaluation
+    # (ResultChangedError) evaluates again, on the new version
+    loaded = [model]
+    return retry_republished(
+        f"decomposition {name!r} of store {st.path}",
+        lambda: _evaluate_once(
+            st, loaded.pop() if loaded else CMD.load(st, name), labels, func, what, progress
+        ),
+    )
+
+
+def _evaluate_once(
+    st: TrajectoryStore,
+    model: CMD,
+    labels: list[int],
+    func: EvalFn,
+    what: str,
+    progress: Progress | None,
+) -> EvaluationResult:
+    """Evaluate ``labels`` on ``model`` and store the result on that very version."""
+    name = model.name_
     metrics: list[str] = []
     raw: dict[str, list[float]] = {}
     cmd: dict[str, list[float]] = {}
@@ -146,7 +168,7 @@ def evaluate(
                 progress(done, total, f"epoch {label} ({kind})")
     result = EvaluationResult(epochs=labels, metrics=metrics, raw=raw, cmd=cmd, function=what)
     with TrajectoryStore.open(st.path, mode="r+") as writer:
-        writer.set_result_attr(name, EVAL_ATTR, result.to_json())
+        writer.set_result_attr(name, EVAL_ATTR, result.to_json(), expect=model.pin_)
     return result
 
 

@@ -1,5 +1,5 @@
 """Stage 3 of the flow: named tensors -> store rows (``cmdtool ingest``)."""
 
-from cmdtool.ingestion.ingest import IngestSummary, fingerprint, ingest
+from cmdtool.ingestion.ingest import IngestSummary, create_store, fingerprint, ingest
 
-__all__ = ["IngestSummary", "fingerprint", "ingest"]
+__all__ = ["IngestSummary", "create_store", "fingerprint", "ingest"]

@@ -25,10 +25,12 @@ from cmdtool.checkpoints import (
     Checkpoint,
     CheckpointEntry,
     canonical_name,
-    discover,
     dtype_name,
+    find_checkpoints,
     open_checkpoint,
 )
+from cmdtool.checkpoints.limits import DEFAULT_MAX_PARAMS, DEFAULT_MAX_TENSORS, ReadLimits
+from cmdtool.checkpoints.tied import find_aliases, safetensors_metadata
 from cmdtool.errors import (
     CmdtoolError,
     MismatchError,
@@ -44,6 +46,14 @@ from cmdtool.store import (
     ParamInfo,
     TrajectoryStore,
     remove_store,
+)
+from cmdtool.store.cleanup import is_half_made_store
+from cmdtool.store.normstats import (
+    check_stored_pattern,
+    compile_stats_pattern,
+    match_stats,
+    pattern_for_new_store,
+    stats_pattern_of,
 )
 
 Progress = Callable[[int, int, str], None]
@@ -65,6 +75,12 @@ class IngestSummary:
     seconds: float = 0.0
     state_keys: dict[str, int] = field(default_factory=dict)
     changed: list[dict[str, object]] = field(default_factory=list)
+    #: Checkpoints left out (``{"path", "reason"}``): names without an epoch number.
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
+    #: What the labels count: "step" / "epoch" (Hugging Face folders) or "name".
+    labels: str = "name"
+    #: Tensors recognised as normalization statistics (``--stats-pattern``).
+    stats: list[str] = field(default_factory=list)
 
 
 class _NameFilter:
@@ -81,13 +97,15 @@ class _NameFilter:
         return not (self.exclude is not None and self.exclude.search(name))
 
 
-def _layout_from(ckpt: Checkpoint, keep: _NameFilter) -> tuple[list[ParamInfo], list[ExtraInfo]]:
+def _layout_from(
+    ckpt: Checkpoint, keep: _NameFilter, aliases: Collection[str] = ()
+) -> tuple[list[ParamInfo], list[ExtraInfo]]:
     params: list[ParamInfo] = []
     extras: list[ExtraInfo] = []
     col = 0
     byte = 0
     for name in ckpt:
-        if not keep(name):
+        if not keep(name) or name in aliases:  # a tied tensor is stored once
             continue
         shape, dtype = ckpt.spec(name)
         if dtype.is_floating_point:
@@ -114,6 +132,7 @@ def _match_names(
     came or went between epochs, they are matched on :func:`canonical_name`.
     """
     wanted = [p.name for p in store.params] + [e.name for e in store.extras]
+    wanted += list(store.aliases)
     present = [n for n in ckpt if keep(n)]
     where = entry.relpath(root)
     if set(wanted) == set(present):
@@ -292,40 +311,82 @@ def _append(
     """Write one epoch's rows, then commit it; on any failure drop the partial row."""
     where = entry.relpath(root)
     mapping = _match_names(store, ckpt, keep, entry, root)
-    pool_index = store.pool_index
-    pool = np.empty(0 if pool_index is None else len(pool_index), dtype=np.float32)
-    try:
-        row = store.begin_epoch()
-        for start, values in _row_blocks(store, ckpt, mapping, entry.label, where, allow_nonfinite):
-            store.write_row_block(row, start, values)
-            if pool_index is not None:
-                lo, hi = np.searchsorted(pool_index, [start, start + len(values)])
-                pool[lo:hi] = values[pool_index[lo:hi] - start]
-        store.write_pool_row(row, pool)
-        store.write_extras_row(row, _extras_row(store, ckpt, mapping, where))
-        dtypes = {}
-        for p in store.params:
-            dt = dtype_name(ckpt.spec(mapping[p.name])[1])
-            if dt != p.dtype:
-                dtypes[p.name] = dt
-        size, mtime, sha = print_
-        store.commit_epoch(
-            EpochInfo(
-                label=entry.label,
-                source=where,
-                kind=entry.kind,
-                state_key=ckpt.state_key,
-                renamed={k: v for k, v in mapping.items() if k != v},
-                dtypes=dtypes,
-                size=size,
-                mtime_ns=mtime,
-                sha256=sha,
-            ),
-            source_root=str(root.resolve()),
-        )
-    except BaseException:
-        store.abort_epoch()
-        raise
+    _check_aliases(store, entry, ckpt, mapping, where)
+    dtypes = {}
+    for p in store.params:
+        dt = dtype_name(ckpt.spec(mapping[p.name])[1])
+        if dt != p.dtype:
+            dtypes[p.name] = dt
+    size, mtime, sha = print_
+    store.append_epoch(
+        _row_blocks(store, ckpt, mapping, entry.label, where, allow_nonfinite),
+        EpochInfo(
+            label=entry.label,
+            source=where,
+            kind=entry.kind,
+            state_key=ckpt.state_key,
+            renamed={k: v for k, v in mapping.items() if k != v},
+            dtypes=dtypes,
+            size=size,
+            mtime_ns=mtime,
+            sha256=sha,
+            header_metadata=_header_metadata(entry),
+        ),
+        extras=_extras_row(store, ckpt, mapping, where) if store.extras else None,
+        source_root=str(root.resolve()),
+    )
+
+def _check_aliases(
+    store: TrajectoryStore,
+    entry: CheckpointEntry,
+    ckpt: Checkpoint,
+    mapping: dict[str, str],
+    where: str,
+) -> None:
+    """Every tied pair the store keeps once must be tied in this epoch too."""
+    if not store.aliases:
+        return
+    tied = find_aliases(entry, ckpt)
+    for alias, target in store.aliases.items():
+        a, t = mapping[alias], mapping[target]
+        if tied.get(a, a) != tied.get(t, t):
+            raise MismatchError(
+                f"{where}: {a!r} is not tied to {t!r} in this checkpoint, but the store "
+                "keeps them as one tensor (tied in its first epoch); ingest it into a new store"
+            )
+
+
+def _header_metadata(entry: CheckpointEntry) -> dict[str, str] | None:
+    """The safetensors ``__metadata__`` of an epoch (its first file), or None."""
+    first = entry.files[0] if entry.files else None
+    if first is None or first.suffix.lower() != ".safetensors":
+        return None
+    return safetensors_metadata(first) or None
+
+
+def create_store(
+    path: str | os.PathLike[str],
+    params: Sequence[ParamInfo],
+    extras: Sequence[ExtraInfo] = (),
+    *,
+    filters: dict[str, str | None] | None = None,
+    aliases: dict[str, str] | None = None,
+    order: Sequence[str] | None = None,
+) -> TrajectoryStore:
+    """A new, empty, writable trajectory store whose sample pool (``min(N, POOL_SIZE)``
+    columns) is drawn with the per-tensor sampling rule of step 1, seed 0, so that
+    ``decompose`` draws its K samples from it (``docs/design.md``, "The store format");
+    ``aliases`` (``{alias: stored name}``) records tied tensors stored once."""
+    sizes = [p.size for p in params]
+    return TrajectoryStore.create(
+        path,
+        params,
+        extras,
+        filters=filters,
+        pool_index=sample_indices(sizes, min(POOL_SIZE, sum(sizes)), seed=0),
+        aliases=aliases,
+        order=order,
+    )
 
 
 def ingest(
@@ -336,9 +397,15 @@ def ingest(
     include: str | None = None,
     exclude: str | None = None,
     allow_nonfinite: bool = False,
+    stats_pattern: str | None = None,
     allow_globals: Sequence[str] = (),
     readers: int = 2,
     labels: Collection[int] | None = None,
+    label_by: str = "step",
+    state: str = "raw",
+    allow_expanded: bool = False,
+    max_params: int = DEFAULT_MAX_PARAMS,
+    max_tensors: int = DEFAULT_MAX_TENSORS,
     progress: Progress | None = None,
 ) -> IngestSummary:
     """Append the checkpoints of ``source`` that are not yet in the store.
@@ -354,6 +421,11 @@ def ingest(
     include, exclude : str, optional
         Regular expressions on tensor names; only matching (resp. non-matching) tensors
         are stored. Fixed when the store is created.
+    stats_pattern : str, optional
+        Regular expression (``re.search``) naming the normalization statistics among
+        the floating tensors (``--stats-pattern``; default
+        :data:`cmdtool.store.normstats.DEFAULT_STATS_PATTERN`). Fixed when the store is
+        created; given explicitly, it must match at least one tensor.
     allow_nonfinite : bool
         Store NaN / Inf values instead of refusing the checkpoint.
     allow_globals : sequence of str
@@ -366,6 +438,22 @@ def ingest(
     labels : collection of int, optional
         Ingest only the checkpoints with these epoch labels (``cmdtool watch`` passes the
         ones whose files are complete); default all.
+    label_by : {"step", "epoch"}
+        How Hugging Face ``checkpoint-<step>/`` folders are labelled: by the step in the
+        name (default), or by the whole epoch in their ``trainer_state.json``
+        (``--labels``). Other checkpoints are labelled by the number in their names.
+    state : {"raw", "averaged"}
+        Lightning files holding both: the raw weights (``current_model_state``) or the
+        averaged ones (``state_dict``) (``--state``).
+    allow_expanded : bool
+        Ingest stride-0 (expanded) or overlapping views at their full logical size
+        instead of refusing them (``--allow-expanded``).
+    max_params : int
+        Refuse a checkpoint whose tensors hold more elements than this in all, counted
+        logically (``--max-params``, default 2**34).
+    max_tensors : int
+        Refuse a checkpoint file holding more tensors than this (``--max-tensors``,
+        default 100,000).
     progress : callable(done, total, label), optional
 
     Returns
@@ -381,15 +469,21 @@ def ingest(
         committed epochs; the next ingest resumes after them.
     """
     t0 = time.perf_counter()
+    if stats_pattern is not None:
+        compile_stats_pattern(stats_pattern)  # a bad regex fails before anything is read
+    limits = ReadLimits(allow_expanded, max_params, max_tensors)
     root = Path(source)
-    entries = discover(root, pattern=pattern)
+    found = find_checkpoints(root, pattern=pattern, labels=label_by)
+    entries = found.entries
     if labels is not None:
         wanted = set(labels)
         entries = [e for e in entries if e.label in wanted]
     path = Path(store_path)
-    exists = (path / "zarr.json").exists()
+    # a store an older cmdtool was killed creating is created anew (issue 11)
+    exists = (path / "zarr.json").exists() and not is_half_made_store(path)
     keep = _NameFilter(include, exclude)
-    summary = IngestSummary(store=str(path), created=not exists)
+    summary = IngestSummary(store=str(path), created=not exists, labels=found.labels)
+    summary.skipped_files = [{"path": f.path, "reason": f.reason} for f in found.skipped]
     store: TrajectoryStore | None = None
     created_here = False
     existed_before = path.exists()
@@ -399,10 +493,12 @@ def ingest(
             store = TrajectoryStore.open(path, mode="r+")
             before = store.snapshot()
             keep = _stored_filter(store, include, exclude)
+            check_stored_pattern(store.path, store.filters, stats_pattern)
             summary.changed = _changed_since_commit(store, entries, root)
         have = set(store.labels) if store else set()
         todo = [e for e in entries if e.label not in have]
         summary.skipped = [e.label for e in entries if e.label in have]
+        _check_relabelled(store, todo, root)
         if store is not None and todo and store.labels and todo[0].label < store.labels[-1]:
             e = todo[0]
             raise UsageError(
@@ -410,21 +506,25 @@ def ingest(
                 f"{store.labels[-1]}; cmdtool only appends, ingest into a new store"
             )
         for done, (entry, print_) in enumerate(_read_ahead(todo, readers)):
-            with open_checkpoint(entry, allow_globals=allow_globals) as ckpt:
+            with open_checkpoint(
+                entry, allow_globals=allow_globals, state=state, limits=limits
+            ) as ckpt:
                 if store is None:
-                    params, extras = _layout_from(ckpt, keep)
+                    aliases = find_aliases(entry, ckpt, keep)
+                    params, extras = _layout_from(ckpt, keep, aliases)
                     if not params:
                         raise UsageError(
                             f"{entry.relpath(root)}: no floating-point tensor to model"
                             + (" after --include/--exclude" if include or exclude else "")
                         )
-                    sizes = [p.size for p in params]
-                    store = TrajectoryStore.create(
+                    pattern = pattern_for_new_store(params, stats_pattern, entry.relpath(root))
+                    store = create_store(
                         path,
                         params,
                         extras,
-                        filters={"include": include, "exclude": exclude},
-                        pool_index=sample_indices(sizes, min(POOL_SIZE, sum(sizes)), seed=0),
+                        filters={"include": include, "exclude": exclude, "stats": pattern},
+                        aliases=aliases,
+                        order=[name for name in ckpt if keep(name)],  # the file's key order
                     )
                     created_here = True
                 _append(store, entry, ckpt, keep, root, allow_nonfinite, print_)
@@ -439,6 +539,8 @@ def ingest(
                 f"{root}: no checkpoint with epoch label(s) {sorted(set(labels or ()))}"
             )
         summary.n_params = store.n_params
+        pattern_now = stats_pattern_of(store.filters)[0]
+        summary.stats = [t.name for t in match_stats(store.params, pattern_now)]
         summary.n_epochs = store.n_epochs
     except BaseException as exc:
         bad_input = isinstance(exc, CmdtoolError)
@@ -453,6 +555,23 @@ def ingest(
             store.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _check_relabelled(
+    store: TrajectoryStore | None, todo: list[CheckpointEntry], root: Path
+) -> None:
+    """A Hugging Face folder already in the store under another label (``--labels``
+    changed between two ingests) would be appended a second time: refuse it."""
+    if store is None:
+        return
+    ingested = {e.source: e.label for e in store.epochs if e.kind == "hf"}
+    for entry in todo:
+        old = ingested.get(entry.relpath(root)) if entry.kind == "hf" else None
+        if old is not None:
+            raise UsageError(
+                f"{entry.relpath(root)} is already in the store as epoch {old} and would "
+                f"now be epoch {entry.label}: ingest with the --labels used before"
+            )
 
 
 def _stored_filter(store: TrajectoryStore, include: str | None, exclude: str | None) -> _NameFilter:

@@ -9,7 +9,31 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
 from cmdtool.errors import UsageError
-from cmdtool.method.kernels import FLAT_RTOL
+from cmdtool.method.kernels import CONST_RTOL, FLAT_RTOL
+
+
+def constant_rows(x: np.ndarray) -> np.ndarray:
+    """Rows constant up to float32 rounding: the rule of
+    :func:`cmdtool.method.kernels.constant_columns`, on the same float32 values.
+
+    Parameters
+    ----------
+    x : ndarray, shape (K, T)
+
+    Returns
+    -------
+    ndarray, bool, shape (K,)
+        ``max - min <= CONST_RTOL * max(|max|, |min|)`` in float64; False for rows
+        holding NaN or Inf.
+    """
+    x32 = np.asarray(x, dtype=np.float32)
+    if x32.shape[1] == 0:
+        return np.ones(x32.shape[0], dtype=bool)
+    with np.errstate(invalid="ignore"):
+        hi = x32.max(axis=1).astype(np.float64)
+        lo = x32.min(axis=1).astype(np.float64)
+        scale = np.maximum(np.abs(hi), np.abs(lo))
+        return np.isfinite(hi) & np.isfinite(lo) & (hi - lo <= CONST_RTOL * scale)
 
 
 def centred_unit_rows(x: np.ndarray) -> np.ndarray:
@@ -29,7 +53,7 @@ def centred_unit_rows(x: np.ndarray) -> np.ndarray:
     norm = np.sqrt(np.einsum("ij,ij->i", xc, xc))
     # the rule of cmdtool.method.kernels.is_flat: spread at rounding level of the mean
     limit = FLAT_RTOL * np.maximum(np.abs(mean[:, 0]), 1e-30) * np.sqrt(x.shape[1])
-    flat = ~np.isfinite(norm) | (norm <= limit)
+    flat = ~np.isfinite(norm) | (norm <= limit) | constant_rows(x)
     norm[flat] = 1.0
     out = xc / norm[:, None]
     out[flat] = 0.0
@@ -62,12 +86,17 @@ class Modes:
     ref_rows : ndarray, int64, shape (M,)
         Row (within the samples) of each mode's reference.
     corr : ndarray, float64, shape (K, K)
-        The |corr| matrix the modes were cut from.
+        The |corr| matrix of all K samples (zero rows for constant ones); the modes
+        were cut from its rows and columns of the non-constant samples.
+    constant : ndarray, bool, shape (K,)
+        Samples left out of the clustering: constant (:func:`constant_rows`) or holding
+        NaN/Inf. Their label is -1.
     """
 
     labels: np.ndarray
     ref_rows: np.ndarray
     corr: np.ndarray
+    constant: np.ndarray
 
     @property
     def n_modes(self) -> int:
@@ -79,11 +108,14 @@ def find_modes(
 ) -> Modes:
     """Cluster sampled trajectories into modes and pick each mode's reference.
 
-    Complete linkage on the Euclidean distance between rows of the |corr| matrix, cut
-    into at most ``n_modes`` clusters or at ``threshold`` times the largest pairwise
-    distance. Modes are numbered by size, largest first (ties: the mode holding the
-    earlier sample first). The reference is the member with the largest mean |corr|
-    to the members of its mode (ties: the earlier sample).
+    Constant samples (:func:`constant_rows`) and samples holding NaN or Inf take no
+    part: they get label -1 and are never a reference. Complete linkage on the Euclidean
+    distance between rows of the |corr| matrix of the other samples, cut into at most
+    ``n_modes`` clusters (at most their number) or at ``threshold`` times the largest
+    pairwise distance. Modes are numbered by size, largest first (ties: the mode holding
+    the earlier sample first). The reference is the member with the largest mean |corr|
+    to the members of its mode (ties: the earlier sample). When every sample is
+    constant, there is one mode whose (constant) reference is the first sample.
 
     Parameters
     ----------
@@ -103,6 +135,23 @@ def find_modes(
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise UsageError(f"threshold={threshold} must be > 0 and <= 1")
     c = abs_corr(samples)
+    finite = np.isfinite(np.asarray(samples, dtype=np.float64)).all(axis=1)
+    constant = constant_rows(samples) | ~finite
+    live = np.flatnonzero(~constant)
+    if live.size == 0:  # nothing moves: one mode, a constant reference
+        labels = np.zeros(k, dtype=np.int64)
+        return Modes(labels=labels, ref_rows=np.zeros(1, np.int64), corr=c, constant=constant)
+    sub = _cut(c[np.ix_(live, live)], n_modes, threshold)
+    labels = np.full(k, -1, dtype=np.int64)
+    labels[live] = sub.labels
+    return Modes(labels=labels, ref_rows=live[sub.ref_rows], corr=c, constant=constant)
+
+
+def _cut(c: np.ndarray, n_modes: int | None, threshold: float | None) -> Modes:
+    """Steps 3-4 on the |corr| matrix (k, k) of the non-constant samples."""
+    k = c.shape[0]
+    if n_modes is not None:
+        n_modes = min(n_modes, k)
     if k == 1:
         raw = np.ones(1, dtype=np.int64)
     else:
@@ -124,4 +173,4 @@ def find_modes(
         members = np.flatnonzero(labels == m)
         score = c[np.ix_(members, members)].mean(axis=1)
         refs[m] = members[int(np.argmax(score))]
-    return Modes(labels=labels, ref_rows=refs, corr=c)
+    return Modes(labels=labels, ref_rows=refs, corr=c, constant=np.zeros(k, dtype=bool))

@@ -15,6 +15,31 @@ import torch
 # is constant up to float32 rounding: |corr| is 0 and a is 0 (the same rule as
 # cmdtool.method.clustering.centred_unit_rows).
 FLAT_RTOL = 1e-12
+#: The constant rule of steps 2-6 (``docs/design.md``, "Constant parameters and
+#: normalization statistics"): a trajectory is constant over the window when
+#: ``max - min <= CONST_RTOL * max(|max|, |min|)``, exact values compared in float64.
+#: It depends only on the window's extreme float32 values, so the sampled trajectories
+#: (:func:`cmdtool.method.clustering.constant_rows`) and the streamed pass agree exactly.
+CONST_RTOL = 4.0 * float(np.finfo(np.float32).eps)
+
+
+def constant_columns(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """Columns constant up to float32 rounding, from their max and min over the window.
+
+    Parameters
+    ----------
+    hi, lo : Tensor, float32, shape (n,)
+        Largest and smallest value of each column over the window.
+
+    Returns
+    -------
+    Tensor, bool, shape (n,)
+        ``max - min <= CONST_RTOL * max(|max|, |min|)`` in float64 (exactly equal values
+        always qualify); False for columns holding NaN or Inf.
+    """
+    h, l_ = hi.to(torch.float64), lo.to(torch.float64)
+    scale = torch.maximum(h.abs(), l_.abs())
+    return torch.isfinite(h) & torch.isfinite(l_) & (h - l_ <= CONST_RTOL * scale)
 
 
 def is_flat(norm2: torch.Tensor, mean: torch.Tensor, t: int) -> torch.Tensor:
@@ -80,11 +105,14 @@ class BlockFit:
 
     Attributes
     ----------
-    labels : ndarray, int32, shape (n,)
+    labels : ndarray, int32, shape (n,)   (0 for constant columns)
     a, b : ndarray, float32, shape (n,)
-    err2 : ndarray, float64, shape (M,)   sum of squared residuals per mode
-    sq : ndarray, float64, shape (M,)     sum of squared values per mode
-    count : ndarray, int64, shape (M,)    parameters per mode
+    constant : ndarray, bool, shape (n,)  columns constant over the window
+        (:func:`constant_columns`): ``a = 0``, ``b`` = the constant, in no mode
+    err2 : ndarray, float64, shape (M + 1,)   sum of squared residuals per mode; the
+        last slot holds the constant columns
+    sq : ndarray, float64, shape (M + 1,)     sum of squared values, the same way
+    count : ndarray, int64, shape (M + 1,)    parameters per mode, then constants
     sum_w, sum_w2, sum_wr : ndarray, float64, shape (n,)
         The running sums of :mod:`cmdtool.method.running` over the window: ``Σ x``, ``Σ x²``
         and ``Σ x · (r - r(t0))`` with the column's own reference.
@@ -93,6 +121,7 @@ class BlockFit:
     labels: np.ndarray
     a: np.ndarray
     b: np.ndarray
+    constant: np.ndarray
     err2: np.ndarray
     sq: np.ndarray
     count: np.ndarray
@@ -121,11 +150,16 @@ def fit_block(x: torch.Tensor, refs: References) -> BlockFit:
     BlockFit
         Labels (ties and all-zero rows to the lowest mode), least-squares ``a``, ``b``
         (``a = 0``, ``b = mean`` for a constant reference), and per-mode sums of the
-        squared residuals and values over the window. Columns holding NaN or Inf get
-        label 0, ``a = 0``, ``b = mean`` (non-finite) and are left out of the sums.
+        squared residuals and values over the window. Constant columns
+        (:func:`constant_columns`) get label 0, ``a = 0`` and ``b`` = their mean (their
+        value, bit for bit, when exactly constant) and are totalled in slot M. Columns
+        holding NaN or Inf get label 0, ``a = 0``, ``b = mean`` (non-finite) and are left
+        out of the sums.
     """
     m = refs.n_modes
     t = x.shape[0]
+    hi, lo = x.amax(dim=0), x.amin(dim=0)
+    const = constant_columns(hi, lo)
     shift = x.mean(dim=0)
     y = x.sub_(shift)
     prod = refs.lhs @ y  # (M + 1, n) float32: <y, r_c> per mode, and S1
@@ -134,30 +168,36 @@ def fit_block(x: torch.Tensor, refs: References) -> BlockFit:
     mean = shift.to(torch.float64) + s1 / t
     norm2 = torch.clamp(s2 - s1 * s1 / t, min=0.0)
     finite = torch.isfinite(norm2) & torch.isfinite(mean)
-    flat_x = is_flat(norm2, mean, t)
+    flat_x = is_flat(norm2, mean, t) | const
     # |corr| times the column's own norm (which leaves the argmax alone); the drift term
     # of the exact dot product is ~1e-7 of it and only matters for the chosen mode below
     score = prod[:m].abs() * refs.inv_norm[:, None]
     labels = torch.where(flat_x, 0, torch.argmax(score, dim=0))
     d = prod.gather(0, labels[None, :])[0].to(torch.float64) - s1 / t * refs.drift[labels]
     rn2 = refs.norm2[labels]
-    a = torch.where(refs.flat[labels] | ~finite, 0.0, d / torch.where(rn2 > 0, rn2, 1.0))
+    a = torch.where(
+        refs.flat[labels] | ~finite | const, 0.0, d / torch.where(rn2 > 0, rn2, 1.0)
+    )
     b = mean - a * refs.mean[labels]
+    # an exactly constant column is rebuilt bit for bit: b is its value, not a rounded mean
+    b = torch.where(const & (hi == lo), hi.to(torch.float64), b)
     resid = torch.where(finite, torch.clamp(norm2 - a * d, min=0.0), 0.0)
     sq = torch.where(finite, norm2 + t * mean * mean, 0.0)
+    group = torch.where(const, m, labels)  # slot M of the totals: the constant columns
     # running sums from the shifted statistics: x = y + shift, and
     # Σ y (r - first) = <y, r_c> + (mean_r - first) S1
     shift64 = shift.to(torch.float64)
     gap = (refs.mean - refs.first)[labels]
     sum_wr = prod.gather(0, labels[None, :])[0].to(torch.float64) + gap * s1 + shift64 * t * gap
-    zeros = torch.zeros(m, dtype=torch.float64, device=x.device)
+    zeros = torch.zeros(m + 1, dtype=torch.float64, device=x.device)
     return BlockFit(
         labels=labels.to(torch.int32).cpu().numpy(),
         a=a.to(torch.float32).cpu().numpy(),
         b=b.to(torch.float32).cpu().numpy(),
-        err2=zeros.index_add(0, labels, resid).cpu().numpy(),
-        sq=zeros.index_add(0, labels, sq).cpu().numpy(),
-        count=torch.bincount(labels[finite], minlength=m).cpu().numpy().astype(np.int64),
+        constant=const.cpu().numpy(),
+        err2=zeros.index_add(0, group, resid).cpu().numpy(),
+        sq=zeros.index_add(0, group, sq).cpu().numpy(),
+        count=torch.bincount(group[finite], minlength=m + 1).cpu().numpy().astype(np.int64),
         sum_w=(t * shift64 + s1).cpu().numpy(),
         sum_w2=(s2 + 2.0 * shift64 * s1 + t * shift64 * shift64).cpu().numpy(),
         sum_wr=sum_wr.cpu().numpy(),

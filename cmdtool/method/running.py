@@ -133,17 +133,28 @@ class Coefficients:
     finite: torch.Tensor
 
 
-def coefficients(sums: ParamSums, refs: ReferenceSums, labels: torch.Tensor) -> Coefficients:
-    """The least-squares ``a, b`` over the epochs folded into ``sums`` and ``refs``."""
+def coefficients(
+    sums: ParamSums,
+    refs: ReferenceSums,
+    labels: torch.Tensor,
+    constant: torch.Tensor | None = None,
+) -> Coefficients:
+    """The least-squares ``a, b`` over the epochs folded into ``sums`` and ``refs``.
+
+    ``constant`` (bool, (n,)) marks the parameters that were constant over the first
+    fit's window: they stay in no mode, with ``a = 0`` and ``b`` their mean over the
+    epochs folded (their value, exactly, while they do not move).
+    """
     n = refs.count
     mean = sums.sum_w / n
     norm2 = torch.clamp(sums.sum_w2 - sums.sum_w * mean, min=0.0)
     finite = torch.isfinite(norm2) & torch.isfinite(mean)
     d = sums.sum_wr - sums.sum_w * (refs.s1 / n)[labels]  # Σ (w - w̄)(r - r̄)
     rn2 = refs.centred_norm2[labels]
-    a = torch.where(
-        refs.flat[labels] | ~finite, 0.0, d / torch.where(rn2 > 0, rn2, torch.ones_like(rn2))
-    )
+    frozen = refs.flat[labels] | ~finite
+    if constant is not None:
+        frozen = frozen | constant
+    a = torch.where(frozen, 0.0, d / torch.where(rn2 > 0, rn2, torch.ones_like(rn2)))
     b = mean - a * refs.mean[labels]
     err2 = torch.where(finite, torch.clamp(norm2 - a * d, min=0.0), 0.0)
     sq = torch.where(finite, sums.sum_w2, 0.0)
@@ -151,20 +162,25 @@ def coefficients(sums: ParamSums, refs: ReferenceSums, labels: torch.Tensor) -> 
 
 
 def mode_totals(
-    labels: torch.Tensor, coef: Coefficients, m: int
+    labels: torch.Tensor, coef: Coefficients, m: int, constant: torch.Tensor | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-mode sums of ``err2`` and ``sq`` and finite-column counts: float64, float64,
-    int64, each (M,)."""
-    z = torch.zeros(m, dtype=torch.float64, device=labels.device)
+    int64, each (M + 1,): the M modes, then the ``constant`` parameters (bool, (n,))."""
+    group = labels if constant is None else torch.where(constant, m, labels)
+    z = torch.zeros(m + 1, dtype=torch.float64, device=labels.device)
     return (
-        z.index_add(0, labels, coef.err2).cpu().numpy(),
-        z.index_add(0, labels, coef.sq).cpu().numpy(),
-        torch.bincount(labels[coef.finite], minlength=m).cpu().numpy().astype(np.int64),
+        z.index_add(0, group, coef.err2).cpu().numpy(),
+        z.index_add(0, group, coef.sq).cpu().numpy(),
+        torch.bincount(group[coef.finite], minlength=m + 1).cpu().numpy().astype(np.int64),
     )
 
 
 def relative_errors(err2: np.ndarray, sq: np.ndarray) -> tuple[float, np.ndarray]:
-    """``sqrt(Σ err2 / Σ sq)`` overall and per mode (0 where there is nothing)."""
+    """``sqrt(Σ err2 / Σ sq)`` overall and per slot (0 where there is nothing).
+
+    Given the (M + 1,) totals of a pass, the overall figure covers every parameter,
+    constants included; the caller keeps the first M per-slot figures as the modes'.
+    """
     total = float(sq.sum())
     rel = float(np.sqrt(err2.sum() / total)) if total > 0 else 0.0
     per_mode = np.sqrt(np.divide(err2, sq, out=np.zeros(len(sq)), where=sq > 0))

@@ -322,8 +322,10 @@ class OnlineCMD:
         st = self._require_state()
         coef = coefficients(st.sums, st.refs, st.labels)
         st.a, st.b = self._merge_coefficients(coef.a, coef.b)
-        err2, sq, _ = mode_totals(st.labels, coef, int(st.ref_index.shape[0]))
-        st.relative_error, st.mode_errors = relative_errors(err2, sq)
+        m = int(st.ref_index.shape[0])
+        err2, sq, _ = mode_totals(st.labels, coef, m)
+        st.relative_error, per_mode = relative_errors(err2, sq)
+        st.mode_errors = per_mode[:m]  # slot m (constants) is empty without a mask
 
     # hooks of EmbeddedCMD
     def _warmup_finished(self) -> None:

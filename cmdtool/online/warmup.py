@@ -20,12 +20,12 @@ from torch import nn
 
 from cmdtool.checkpoints.dtypes import dtype_name
 from cmdtool.errors import CmdtoolError, NotFoundError, StoreError, UsageError
+from cmdtool.ingestion import create_store
 from cmdtool.method.running import (
     ParamSums,
     ReferenceSums,
 )
-from cmdtool.method.sampling import sample_indices
-from cmdtool.store import POOL_SIZE, EpochInfo, ParamInfo, TrajectoryStore
+from cmdtool.store import EpochInfo, ParamInfo, TrajectoryStore
 from cmdtool.store.lock import LOCK_NAME
 
 SAVE_FORMAT = 1
@@ -130,20 +130,12 @@ class WarmupStore:
         self.folder = folder
         self.temporary = temporary
         self.store: TrajectoryStore | None = store
-        pool = store.pool_index
-        self.pool_index = pool if pool is not None else np.zeros(0, dtype=np.int64)
 
     @classmethod
     def create(cls, workdir: Path | None, infos: list[ParamInfo]) -> WarmupStore:
         folder, temporary = workdir_of(workdir)
         try:
-            sizes = [p.size for p in infos]
-            n = sum(sizes)
-            store = TrajectoryStore.create(
-                folder / STORE_NAME,
-                infos,
-                pool_index=sample_indices(sizes, min(POOL_SIZE, n), seed=0),
-            )
+            store = create_store(folder / STORE_NAME, infos)
         except BaseException:
             if temporary:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -183,15 +175,10 @@ class WarmupStore:
     def append(self, values: np.ndarray) -> None:
         """One epoch: ``values`` float32 (N,), committed atomically."""
         st = self._open()
-        row = st.begin_epoch()
-        try:
-            st.write_row_block(row, 0, values)
-            st.write_pool_row(row, values[self.pool_index])
-            label = st.n_epochs + 1
-            st.commit_epoch(EpochInfo(label=label, source=f"online step {label}", kind="online"))
-        except BaseException:
-            st.abort_epoch()
-            raise
+        label = st.n_epochs + 1
+        st.append_epoch(
+            [(0, values)], EpochInfo(label=label, source=f"online step {label}", kind="online")
+        )
 
     def _open(self) -> TrajectoryStore:
         if self.store is None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmdtool.errors import StoreError, UsageError
+from cmdtool.errors import StoreError
 from cmdtool.report.data import ReportData, compute
+from cmdtool.report.folder import check_out, replace_folder
 from cmdtool.report.schema import SCHEMA, validate
 from cmdtool.store import TrajectoryStore
+from cmdtool.store.results import ResultPin
 
 __all__ = ["SCHEMA", "ReportData", "ReportSummary", "compute", "validate", "write_report"]
 
@@ -43,34 +46,20 @@ def default_dir(store: str | os.PathLike[str]) -> Path:
     return Path(store).resolve().parent / REPORT_DIR
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"report folder {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise UsageError(
-                f"report folder {out} exists and is not empty; pass --force to replace it"
-            )
-        if not (out / JSON).is_file():
-            raise UsageError(
-                f"report folder {out} is not empty and holds no {JSON}: --force replaces "
-                "only a previous report; pick another --out"
-            )
-
-
 def write_report(
     store: str | os.PathLike[str] | TrajectoryStore,
     out: str | os.PathLike[str] | None = None,
     *,
     name: str = "cmd",
     force: bool = False,
+    pin: ResultPin | None = None,
 ) -> ReportSummary:
     """Write the report of decomposition ``name`` of ``store`` into the folder ``out``.
 
     The folder gets ``report.html`` (self-contained: figures embedded as data URIs),
-    ``report.json`` (see :data:`SCHEMA`) and each figure as a PNG file. It is built in a
-    hidden sibling folder and renamed into place, so a failed report leaves the previous
-    one as it was.
+    ``report.json`` (see :data:`SCHEMA`), each figure as a PNG file and a manifest of
+    them (:mod:`cmdtool.report.folder`). It is built in a hidden sibling folder and
+    renamed into place, so a failed report leaves the previous one as it was.
 
     Parameters
     ----------
@@ -80,7 +69,12 @@ def write_report(
     name : str, default "cmd"
         The decomposition subgroup.
     force : bool, default False
-        Replace a non-empty ``out`` (which must hold a previous report).
+        Replace a non-empty ``out``, which must hold only a previous report's files,
+        unchanged (never a folder holding the store or anything else).
+    pin : ResultPin, optional
+        Report exactly this version of ``name`` (``CMD.pin_``); ResultChangedError, with
+        nothing written, if it was replaced. Default: the current one, computed again if
+        a writer republishes it meanwhile.
 
     Returns
     -------
@@ -91,21 +85,24 @@ def write_report(
     DecompositionNotFoundError
         No decomposition ``name``: run ``cmdtool decompose`` first.
     UsageError
-        ``out`` exists, is not empty and ``force`` is not given.
+        ``out`` exists, is not empty and ``force`` is not given, or holds something a
+        previous report did not write; ``out`` is inside the store or holds it.
     """
     st = store if isinstance(store, TrajectoryStore) else TrajectoryStore.open(store, mode="r")
     try:
         st.open_result(name)  # fails first, naming decompose, when there is none
         folder = Path(out) if out is not None else default_dir(st.path)
-        _check_out(folder, force)
-        data = compute(st, name)
+        check_out(folder, force, st.path)  # and removes what killed report runs left
+        data = compute(st, name, pin=pin)
         problems = validate(data.summary)
         if problems:  # a bug, not bad input
             raise AssertionError(f"report.json does not match its schema: {problems[:3]}")
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        try:
+            prefix = f".{folder.name}.partial-{os.getpid()}-"
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
+        except OSError as exc:
+            raise StoreError(f"cannot write report {folder}: {exc.strerror or exc}") from exc
         try:
             from cmdtool.report.figures import draw_all
             from cmdtool.report.html import render
@@ -113,13 +110,7 @@ def write_report(
             figures = draw_all(data, tmp)
             (tmp / JSON).write_text(json.dumps(data.summary, indent=2) + "\n")
             (tmp / HTML).write_text(render(data.summary, figures, tmp, str(st.path)))
-            if folder.exists():
-                old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-                os.replace(folder, old)
-                os.replace(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
+            replace_folder(folder, tmp, force)  # deletes only a previous report's files
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreError(f"cannot write report {folder}: {exc.strerror or exc}") from exc

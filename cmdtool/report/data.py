@@ -6,6 +6,7 @@ one column block (all epochs) at a time and keeps per-(epoch, tensor) sums in fl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,10 +14,12 @@ import numpy as np
 import zarr
 
 from cmdtool.method.clustering import abs_corr
-from cmdtool.store import RESULT_ATTR, TrajectoryStore
+from cmdtool.store import RESULT_ATTR, ParamInfo, TrajectoryStore
+from cmdtool.store.results import ResultPin
 
 EVALUATION_ATTR = "cmdtool_evaluation"
 SWEEP_ATTR = "cmdtool_sweep"
+COMPARE_ATTR = "cmdtool_compare"
 #: Sampled members per mode drawn against their reconstruction.
 MEMBERS_SHOWN = 3
 
@@ -29,8 +32,9 @@ class ReportData:
     ----------
     summary : dict
         The content of ``report.json`` (see :data:`cmdtool.report.schema.SCHEMA`).
-    epochs : ndarray, int64, shape (T,)
-        Labels of all committed epochs.
+    epochs : ndarray, float64, shape (T,)
+        Plot positions of all committed epochs: their labels minus ``epoch_offset``
+        (:func:`epoch_positions`; labels are Python ints and may exceed int64).
     window_rows : ndarray, int64, shape (T',)
         Rows of the decomposition's window.
     ref_all : ndarray, float64, shape (M, T)
@@ -65,6 +69,8 @@ class ReportData:
     tensor_shares: np.ndarray
     tensor_names: list[str] = field(default_factory=list)
     tensor_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    epoch_offset: int = 0
+    sample_names: list[str] = field(default_factory=list)
 
     @property
     def n_modes(self) -> int:
@@ -86,6 +92,32 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.sqrt(out)
 
 
+#: Integers up to this size are exact in float64.
+EXACT_FLOAT_INT = 2**53
+
+
+def epoch_positions(labels: Sequence[int], offset: int | None = None) -> tuple[np.ndarray, int]:
+    """Epoch labels as float64 plot positions, computed with Python ints.
+
+    Parameters
+    ----------
+    labels : sequence of int, length T
+        Epoch labels (any size: a 20-digit label does not fit int64).
+    offset : int, optional
+        Subtracted from every label; default 0, or the first label when a label is
+        beyond 2**53, so that neighbouring labels stay distinct.
+
+    Returns
+    -------
+    positions : ndarray, float64, shape (T,)
+    offset : int
+    """
+    labs = [int(x) for x in labels]
+    if offset is None:
+        offset = labs[0] if labs and max(abs(x) for x in labs) > EXACT_FLOAT_INT else 0
+    return np.array([float(x - offset) for x in labs], dtype=np.float64), offset
+
+
 def _gather(arr: zarr.Array, cols: np.ndarray) -> np.ndarray:
     """``arr[cols]`` for unsorted, possibly repeated int64 ``cols`` (one sorted read)."""
     uniq, inv = np.unique(cols, return_inverse=True)
@@ -97,8 +129,11 @@ def _json_attr(group: zarr.Group, key: str) -> dict[str, Any] | None:
     return dict(value) if isinstance(value, dict) else None
 
 
-def compute(st: TrajectoryStore, name: str = "cmd") -> ReportData:
+def compute(st: TrajectoryStore, name: str = "cmd", *, pin: ResultPin | None = None) -> ReportData:
     """Compute the numbers of the report of decomposition ``name`` of ``st``.
+
+    Every number comes from one published version: if a writer republishes ``name``
+    during the pass, it starts again on the new one.
 
     Parameters
     ----------
@@ -106,6 +141,8 @@ def compute(st: TrajectoryStore, name: str = "cmd") -> ReportData:
         An open store (read-only is enough).
     name : str, default "cmd"
         The decomposition subgroup.
+    pin : ResultPin, optional
+        Compute from exactly this version (``CMD.pin_``), never another.
 
     Returns
     -------
@@ -115,8 +152,26 @@ def compute(st: TrajectoryStore, name: str = "cmd") -> ReportData:
     ------
     DecompositionNotFoundError
         The store has no decomposition ``name``.
+    ResultChangedError
+        ``pin`` is given and that version was replaced.
     """
-    group = st.open_result(name)
+    return st.read_result(name, lambda _pin, group: _compute(st, name, group), expect=pin)
+
+
+def locate(params: list[ParamInfo], column: int) -> dict[str, Any]:
+    """The tensor holding ``column`` of ``weights`` and the column's index in it:
+    ``{"tensor": name, "index": [i, j, ...], "name": "tensor[i, j]"}``."""
+    for p in params:
+        if p.offset <= column < p.offset + p.size:
+            where = np.unravel_index(column - p.offset, p.shape) if p.shape else ()
+            index = [int(i) for i in where]
+            shown = f"{p.name}[{', '.join(map(str, index))}]"
+            return {"tensor": p.name, "index": index, "name": shown}
+    raise ValueError(f"column {column} is in no tensor")
+
+
+def _compute(st: TrajectoryStore, name: str, group: zarr.Group) -> ReportData:
+    """:func:`compute` on ``group``, the results group of one version (pinned by the caller)."""
     settings: dict[str, Any] = dict(group.attrs[RESULT_ATTR])  # type: ignore[arg-type]
     labels_arr: zarr.Array = group["labels"]  # type: ignore[assignment]
     a_arr: zarr.Array = group["a"]  # type: ignore[assignment]
@@ -147,9 +202,17 @@ def compute(st: TrajectoryStore, name: str = "cmd") -> ReportData:
     mode_err2 = np.zeros((2, m))  # all epochs, window
     mode_sq = np.zeros((2, m))
     ref_t = ref_all.T  # (T, M)
+    has_constant = "constant" in group
+    n_constant = 0
     for start, stop in st.column_blocks():
         w = st.read_block(all_rows, start, stop).astype(np.float64)  # (T, B)
         lab = np.asarray(labels_arr[start:stop], dtype=np.int64)
+        if has_constant:  # constant parameters are in no mode: slot m, dropped below
+            const = np.asarray(group["constant"][start:stop], dtype=bool)  # type: ignore[index]
+            n_constant += int(const.sum())
+            lab_m = np.where(const, m, lab)
+        else:
+            lab_m = lab
         a = np.asarray(a_arr[start:stop], dtype=np.float64)
         b = np.asarray(b_arr[start:stop], dtype=np.float64)
         diff = w - (a * ref_t[:, lab] + b)
@@ -163,10 +226,10 @@ def compute(st: TrajectoryStore, name: str = "cmd") -> ReportData:
         err2[:, tid] += np.add.reduceat(e2, seg, axis=1)
         sq[:, tid] += np.add.reduceat(w2, seg, axis=1)
         for j, (lo, hi) in enumerate(zip(seg, [*seg[1:], stop - start], strict=True)):
-            counts[tid[j]] += np.bincount(lab[lo:hi], minlength=m)[:m]
+            counts[tid[j]] += np.bincount(lab_m[lo:hi], minlength=m + 1)[:m]
         for k, sel in enumerate((np.ones(t, dtype=bool), in_window)):
-            mode_err2[k] += np.bincount(lab, weights=e2[sel].sum(axis=0), minlength=m)[:m]
-            mode_sq[k] += np.bincount(lab, weights=w2[sel].sum(axis=0), minlength=m)[:m]
+            mode_err2[k] += np.bincount(lab_m, weights=e2[sel].sum(axis=0), minlength=m + 1)[:m]
+            mode_sq[k] += np.bincount(lab_m, weights=w2[sel].sum(axis=0), minlength=m + 1)[:m]
 
     sizes = np.array([p.size for p in params], dtype=np.int64)
     shares = counts / np.maximum(sizes, 1)[:, None]
@@ -209,14 +272,32 @@ def compute(st: TrajectoryStore, name: str = "cmd") -> ReportData:
             "model_values": model,
             "ratio": stored / model,
         },
+        "constant": n_constant,
+        "stats": str(settings.get("stats", "model")),
+        "stats_tensors": list(settings.get("stats_tensors", [])),
+        "references": [
+            {"mode": k, "column": int(c), **locate(params, int(c))}
+            for k, c in enumerate(ref_index)
+        ],
+        "high_error_epochs": [
+            {"epoch": int(label), "relative_error": float(e)}
+            for label, e in zip(st.labels, epoch_error, strict=True)
+            if e > 1.0
+        ],
     }
-    for key, attr in (("evaluation", EVALUATION_ATTR), ("sweep", SWEEP_ATTR)):
+    for key, attr in (
+        ("evaluation", EVALUATION_ATTR),
+        ("sweep", SWEEP_ATTR),
+        ("compare", COMPARE_ATTR),  # cmdtool compare (report/compare.py)
+    ):
         value = _json_attr(group, attr)
         if value is not None:
             summary[key] = value
+    positions, offset = epoch_positions(st.labels)
     return ReportData(
         summary=summary,
-        epochs=np.asarray(st.labels, dtype=np.int64),
+        epochs=positions,
+        epoch_offset=offset,
         window_rows=window_rows,
         ref_all=ref_all,
         samples_all=samples_all,
@@ -229,4 +310,5 @@ def compute(st: TrajectoryStore, name: str = "cmd") -> ReportData:
         tensor_shares=shares,
         tensor_names=[p.name for p in params],
         tensor_sizes=sizes,
+        sample_names=[str(locate(params, int(c))["name"]) for c in sample_index],
     )

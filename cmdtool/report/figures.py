@@ -7,19 +7,23 @@ Dynamics in Neural Training").
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cmdtool.report.data import MEMBERS_SHOWN, ReportData
+from cmdtool.report.data import MEMBERS_SHOWN, ReportData, epoch_positions
 
 #: At most this many tensors (the largest) in the per-tensor figures.
 MAX_TENSORS = 30
 #: At most this many modes get their own panel.
 MAX_PANELS = 12
 DPI = 100
+#: Text properties for user strings (tensor and metric names): never mathtext, so a name
+#: such as ``$\frac{a$`` is drawn as written instead of failing to parse.
+PLAIN = {"parse_math": False, "usetex": False}
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,10 @@ class Figure:
     file: str
     title: str
     caption: str
+
+
+def _epoch_label(offset: int) -> str:
+    return "epoch" if offset == 0 else f"epoch - {offset}"
 
 
 def _grid(plt: Any, count: int, ncols: int = 4, size: tuple[float, float] = (3.2, 2.4)) -> Any:
@@ -59,7 +67,10 @@ def _corr(plt: Any, d: ReportData) -> Any:
     ax.set_xticks(ticks, [str(modes[s]) for s in starts])
     ax.set_yticks(ticks, [str(modes[s]) for s in starts])
     ax.xaxis.tick_top()
-    ax.set_title(f"|corr| of the {len(modes)} sampled parameters, ordered by mode")
+    ax.xaxis.set_label_position("top")
+    ax.set_xlabel("mode (sampled parameters, grouped)")
+    ax.set_ylabel("mode (sampled parameters, grouped)")
+    ax.set_title(f"|corr| of the {len(modes)} sampled parameters, ordered by mode", pad=30)
     return fig
 
 
@@ -70,8 +81,9 @@ def _references(plt: Any, d: ReportData) -> Any:
     for k, ax in zip(range(m), axes, strict=False):
         ax.plot(d.epochs, d.ref_all[k], color="tab:red", lw=1.2)
         ax.axvspan(win.min(), win.max(), color="0.9", zorder=0)
-        ax.set_title(f"mode {k} reference", fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_title(f"mode {k} reference: {_ref_name(d, k)}", fontsize=8, **PLAIN)
+        ax.set_xlabel(_epoch_label(d.epoch_offset), fontsize=8)
+        ax.set_ylabel("value", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
@@ -92,7 +104,11 @@ def _members(plt: Any, d: ReportData) -> Any:
             ax.plot(d.epochs, d.samples_all[i], color="black", lw=1.2, label="stored")
             rec = d.sample_a[i] * d.ref_all[k] + d.sample_b[i]
             ax.plot(d.epochs, rec, color="tab:orange", ls="--", lw=1.2, label="CMD")
-            ax.set_title(f"mode {k}, sample {i}", fontsize=9)
+            ax.set_title(
+                f"mode {k}: {_sample_name(d, i)} vs {_ref_name(d, k)}", fontsize=7, **PLAIN
+            )
+            ax.set_xlabel(_epoch_label(d.epoch_offset), fontsize=8)
+            ax.set_ylabel("value", fontsize=8)
             ax.tick_params(labelsize=7)
             if k == 0 and j == 0:
                 ax.legend(fontsize=7)
@@ -118,7 +134,11 @@ def _bands(plt: Any, d: ReportData) -> Any:
             lo, hi = np.percentile(members, [2.5, 97.5], axis=0)
             ax.fill_between(d.epochs, lo, hi, color="tab:blue", alpha=0.3, label="95%")
         ax.plot(d.epochs, ref, color="tab:red", lw=1, label="reference")
-        ax.set_title(f"mode {k} ({len(members)} samples)", fontsize=9)
+        ax.set_title(
+            f"mode {k} ({len(members)} samples), ref. {_ref_name(d, k)}", fontsize=7, **PLAIN
+        )
+        ax.set_xlabel(_epoch_label(d.epoch_offset), fontsize=8)
+        ax.set_ylabel("normalised value", fontsize=8)
         ax.tick_params(labelsize=7)
         if k == 0:
             ax.legend(fontsize=7)
@@ -126,9 +146,27 @@ def _bands(plt: Any, d: ReportData) -> Any:
     return fig
 
 
+def natural_key(name: str) -> list[Any]:
+    """Sort key putting ``layer.2`` before ``layer.10`` (network order, for names that
+    number their layers)."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
 def _largest(d: ReportData) -> np.ndarray:
-    """Indices of the (at most MAX_TENSORS) largest tensors, in store order."""
-    return np.sort(np.argsort(-d.tensor_sizes, kind="stable")[:MAX_TENSORS])
+    """Indices of the (at most MAX_TENSORS) largest tensors, in network order (names
+    sorted naturally)."""
+    keep = np.argsort(-d.tensor_sizes, kind="stable")[:MAX_TENSORS]
+    return np.array(sorted(keep, key=lambda i: natural_key(d.tensor_names[i])), dtype=np.int64)
+
+
+def _ref_name(d: ReportData, k: int) -> str:
+    refs = d.summary.get("references") or []
+    return str(refs[k]["name"]) if k < len(refs) else f"mode {k}"
+
+
+def _sample_name(d: ReportData, i: int) -> str:
+    names = d.sample_names
+    return names[i] if i < len(names) else f"sample {i}"
 
 
 def _shares(plt: Any, d: ReportData) -> Any:
@@ -140,9 +178,11 @@ def _shares(plt: Any, d: ReportData) -> Any:
         vals = d.tensor_shares[idx, k]
         ax.bar(np.arange(len(idx)), vals, bottom=bottom, color=cmap(k % 20), label=f"mode {k}")
         bottom += vals
-    ax.set_xticks(np.arange(len(idx)), [d.tensor_names[i] for i in idx], rotation=70, ha="right")
+    names = [d.tensor_names[i] for i in idx]
+    ax.set_xticks(np.arange(len(idx)), names, rotation=70, ha="right", **PLAIN)
     ax.tick_params(axis="x", labelsize=7)
     ax.set_ylabel("share of the tensor's parameters")
+    ax.set_xlabel("tensor (network order)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncols=min(d.n_modes, 5), loc="upper center", bbox_to_anchor=(0.5, 1.15))
     fig.tight_layout()
@@ -153,15 +193,21 @@ def _errors(plt: Any, d: ReportData) -> Any:
     idx = _largest(d)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     win = d.epochs[d.window_rows]
-    ax1.plot(d.epochs, d.epoch_error, marker=".", color="tab:purple")
+    ax1.plot(d.epochs, np.maximum(d.epoch_error, 1e-12), marker=".", color="tab:purple")
     ax1.axvspan(win.min(), win.max(), color="0.9", zorder=0, label="window")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("relative error")
+    ax1.set_yscale("log")  # the plateau and the first epochs on one scale
+    if np.any(d.epoch_error > 1):
+        ax1.axhline(1.0, color="red", ls=":", lw=1, label="error 1")
+    ax1.set_xlabel(_epoch_label(d.epoch_offset))
+    ax1.set_ylabel("relative error (log scale)")
     ax1.set_title("per epoch")
     ax1.legend(fontsize=8)
     ax2.bar(np.arange(len(idx)), d.tensor_error[idx], color="tab:purple")
-    ax2.set_xticks(np.arange(len(idx)), [d.tensor_names[i] for i in idx], rotation=70, ha="right")
+    names = [d.tensor_names[i] for i in idx]
+    ax2.set_xticks(np.arange(len(idx)), names, rotation=70, ha="right", **PLAIN)
     ax2.tick_params(axis="x", labelsize=7)
+    ax2.set_xlabel("tensor (network order)")
+    ax2.set_ylabel("relative error")
     ax2.set_title("per tensor (all epochs)")
     fig.tight_layout()
     return fig
@@ -172,16 +218,18 @@ def _floats(values: Any) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values or []], dtype=np.float64)
 
 
-def _evaluation(plt: Any, ev: dict[str, Any]) -> Any:
+def _evaluation(plt: Any, ev: dict[str, Any], offset: int) -> Any:
     metrics = list(ev.get("metrics", []))
     fig, axes = _grid(plt, max(len(metrics), 1), ncols=2, size=(5.5, 3.6))
+    x, _ = epoch_positions(ev["epochs"], offset)
     for name, ax in zip(metrics, axes, strict=False):
         for key, color, label in (("raw", "black", "raw (stored)"), ("cmd", "tab:orange", "CMD")):
             values = _floats((ev.get(key) or {}).get(name))
-            if len(values) == len(ev["epochs"]):
-                ax.plot(ev["epochs"], values, color=color, marker=".", label=label)
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
+            if len(values) == len(x):
+                ax.plot(x, values, color=color, marker=".", label=label)
+        ax.set_title(name, **PLAIN)
+        ax.set_xlabel(_epoch_label(offset))
+        ax.set_ylabel(name, **PLAIN)
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -198,7 +246,8 @@ def _sweep(plt: Any, sw: dict[str, Any]) -> Any:
         if len(_floats(values)) == len(sw["modes"]):
             ax.plot(sw["modes"], _floats(values), marker="o")
         ax.set_xlabel("number of modes")
-        ax.set_title(name)
+        ax.set_ylabel(name, **PLAIN)
+        ax.set_title(name, **PLAIN)
     fig.tight_layout()
     return fig
 
@@ -248,7 +297,7 @@ def draw_all(d: ReportData, out: Path) -> list[Figure]:
         specs.append(
             ("evaluation.png", "Evaluation: stored vs CMD weights (paper Figs. 5, 7)",
              "Each metric per epoch, evaluated on the stored and on the CMD-rebuilt weights.",
-             lambda: _evaluation(plt, ev))
+             lambda: _evaluation(plt, ev, d.epoch_offset))
         )  # fmt: skip
     if d.sweep is not None:
         sw = d.sweep
@@ -257,6 +306,9 @@ def draw_all(d: ReportData, out: Path) -> list[Figure]:
              "Relative reconstruction error (and metrics) against the number of modes.",
              lambda: _sweep(plt, sw))
         )  # fmt: skip
+    from cmdtool.report.compare import figure_specs  # the "Compared with" section
+
+    specs.extend(figure_specs(plt, d.summary.get("compare")))
     figures = []
     for file, title, caption, draw in specs:
         fig = draw()

@@ -7,6 +7,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from cmdtool.report.compare import PREFIX as COMPARE_PREFIX
+from cmdtool.report.compare import section_html as compare_section
 from cmdtool.report.figures import Figure
 
 _STYLE = """
@@ -35,6 +37,39 @@ def _table(header: list[str], rows: list[list[Any]], left: int = 0) -> str:
 
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _constant_text(summary: dict[str, Any], n: int) -> str:
+    c = int(summary.get("constant", 0))
+    return f"{c:,} ({c / n:.1%}): modelled exactly (a = 0, b = the value), in no mode"
+
+
+def _stats_text(summary: dict[str, Any]) -> str:
+    names = list(summary.get("stats_tensors") or [])
+    if not names:
+        return "none recognised"
+    shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+    return f"{len(names)} tensor(s) ({shown}), rebuilt '{summary.get('stats', 'model')}'"
+
+
+def _high_error_text(summary: dict[str, Any]) -> str:
+    """A paragraph naming the epochs whose rebuilt error exceeds 1, why, and what to do."""
+    high = summary.get("high_error_epochs") or []
+    if not high:
+        return ""
+    shown = ", ".join(f"{h['epoch']} ({h['relative_error']:.2f})" for h in high[:12])
+    more = f" and {len(high) - 12} more" if len(high) > 12 else ""
+    win = summary["settings"].get("epochs") or summary["epochs"]
+    return (
+        f"<p><b>Epochs rebuilt with a relative error above 1:</b> {escape(shown + more)}. "
+        "At these epochs the CMD checkpoint is further from the stored one than the stored "
+        "weights are from zero: the affine model fitted over the window "
+        f"(epochs {win[0]}..{win[-1]}) does not describe them, typically the first epochs, "
+        "where the weights still move fast and non-linearly. Do not use those rebuilt "
+        "checkpoints; to model them, decompose a window that starts later "
+        "(<code>cmdtool decompose STORE --epochs A:</code>) or fit them separately with "
+        "<code>--epochs A:B</code>.</p>"
+    )
 
 
 def render(summary: dict[str, Any], figures: list[Figure], folder: Path, store: str) -> str:
@@ -67,6 +102,8 @@ def render(summary: dict[str, Any], figures: list[Figure], folder: Path, store: 
         ["modes M (requested)", f"{summary['n_modes']} ({s.get('requested_modes')})"],
         ["threshold", s.get("threshold")],
         ["samples K, seed", f"{s['samples']}, {s['seed']}"],
+        ["constant parameters", _constant_text(summary, n)],
+        ["normalization statistics", _stats_text(summary)],
         ["relative error, window (fit)", f"{s['relative_error']:.5f}"],
         ["relative error, all epochs", f"{err['overall']:.5f}"],
         ["compression", f"{comp['ratio']:.1f}x ({comp['stored_values']:,} values vs "
@@ -97,10 +134,14 @@ def render(summary: dict[str, Any], figures: list[Figure], folder: Path, store: 
                mode_rows),
     ]  # fmt: skip
     for fig in figures:
+        if fig.file.startswith(COMPARE_PREFIX):
+            continue  # shown in the "Compared with" section
         parts.append(
             f"<figure><h2>{escape(fig.title)}</h2>"
             f'<img src="{_data_uri(folder / fig.file)}" alt="{escape(fig.title)}">'
             f"<figcaption>{escape(fig.caption)}</figcaption></figure>"
         )
+    parts.append(compare_section(summary.get("compare"), figures, folder))
+    parts.insert(parts.index("<h2>Modes</h2>"), _high_error_text(summary))
     parts.append("</body></html>")
     return "\n".join(parts)

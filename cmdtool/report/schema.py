@@ -110,6 +110,15 @@ SCHEMA: dict[str, Any] = {
                 "metrics": {"type": "object", "additionalProperties": {"type": "array"}},
             },
         },
+        "compare": {
+            "description": "the cmdtool_compare attribute (cmdtool compare), when present",
+            "type": "object",
+            "required": ["methods", "epochs"],
+            "properties": {
+                "methods": {"type": "array", "items": {"type": "object"}},
+                "epochs": {"type": "array"},
+            },
+        },
     },
 }
 

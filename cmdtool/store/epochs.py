@@ -30,13 +30,13 @@ def select_range(labels: Sequence[int], spec: str) -> np.ndarray:
         raise UsageError(f"epoch range {spec!r} must look like A:B, A: or :B (labels)")
     lo_s, hi_s = spec.split(":")
     lo, hi = _parse_bound(lo_s, spec), _parse_bound(hi_s, spec)
-    lab = np.asarray(labels, dtype=np.int64)
-    keep = np.ones(lab.shape, dtype=bool)
-    if lo is not None:
-        keep &= lab >= lo
-    if hi is not None:
-        keep &= lab < hi
-    return np.flatnonzero(keep).astype(np.int64)
+    # compared as Python ints: a label (or bound) of 20+ digits does not fit int64
+    keep = [
+        i
+        for i, lab in enumerate(labels)
+        if (lo is None or lab >= lo) and (hi is None or lab < hi)
+    ]
+    return np.asarray(keep, dtype=np.int64)
 
 
 def select_window(labels: Sequence[int], spec: str | None, stride: int = 1) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The store format's names and records: arrays, attributes, params, extras, epochs.
 
-Format v1 is public and documented in the README under "Store format" and in
-``docs/design.md``; this module holds its vocabulary and nothing that does I/O.
+The format (version 2; version-1 stores are still read and appended to) is public and
+documented in the README under "Store format" and in ``docs/design.md``; this module
+holds its vocabulary and nothing that does I/O.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import numpy as np
 
 from cmdtool.errors import UsageError
 
-FORMAT_VERSION = 1
+#: Version 2 (issue 11): every array carries the crc32c codec and every chunk is
+#: written, so an absent chunk is damage (``cmdtool.store.integrity``).
+FORMAT_VERSION = 2
 #: Values per chunk along N: 1 MiB of float32. Measured with scripts/measure_chunks.py
 #: (4M x 20, 2 cores): 262144 read column blocks at 2.38 GB/s against 0.95 GB/s for 65536
 #: and 0.75 GB/s for 1048576; zstd saved 7.5% of disk but halved read speed.
@@ -30,8 +33,12 @@ POOL_INDEX = "pool_index"
 POOL_SIZE = 16_384
 ATTR = "cmdtool"
 RESULT_ATTR = "cmdtool_result"
-#: Per-parameter arrays of a results group: mode, coefficients, and the running sums
-#: that let ``cmdtool update`` fold new epochs in (:mod:`cmdtool.method.running`).
+#: Group attribute of a results group: a token unique to each published version
+#: (``docs/design.md``, "Publishing results"); readers check it did not change.
+GENERATION_ATTR = "cmdtool_generation"
+#: Per-parameter arrays of a results group: mode, coefficients, the running sums
+#: that let ``cmdtool update`` fold new epochs in (:mod:`cmdtool.method.running`), and
+#: the mask of parameters constant over the window (modelled exactly, in no mode).
 RESULT_COLUMNS = (
     ("labels", "int32"),
     ("a", "float32"),
@@ -39,9 +46,16 @@ RESULT_COLUMNS = (
     ("sum_w", "float64"),
     ("sum_w2", "float64"),
     ("sum_wr", "float64"),
+    ("constant", "bool"),
 )
+#: Result columns a decomposition made before issue 12 may lack (readers then take every
+#: parameter as non-constant).
+OPTIONAL_RESULT_COLUMNS = ("constant",)
 PARTIAL_PREFIX = ".partial-"
 SCRATCH_PREFIX = ".scratch-"
+#: A replaced results group on its way out: renamed to ``.trash-<hex>`` (atomic), then
+#: deleted; the next writer removes any a killed one left.
+TRASH_PREFIX = ".trash-"
 ZARR_TMP_RE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -77,7 +91,8 @@ class EpochInfo:
 
     ``renamed`` maps store names to this epoch's source names where they differ (a
     ``module.`` prefix that appeared, say); ``dtypes`` maps store names to this
-    epoch's source dtype where it differs from the store's.
+    epoch's source dtype where it differs from the store's; ``header_metadata`` is the
+    ``__metadata__`` of its safetensors file(s) (``{"format": "pt"}``), if any.
     """
 
     label: int
@@ -89,10 +104,12 @@ class EpochInfo:
     size: int | None = None
     mtime_ns: int | None = None
     sha256: str | None = None
+    header_metadata: dict[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("renamed", "dtypes", "state_key", "size", "mtime_ns", "sha256"):
+        optional = ("renamed", "dtypes", "state_key", "size", "mtime_ns", "sha256")
+        for key in (*optional, "header_metadata"):
             if not d[key]:
                 del d[key]
         return d
@@ -109,6 +126,7 @@ class EpochInfo:
             size=d.get("size"),
             mtime_ns=d.get("mtime_ns"),
             sha256=d.get("sha256"),
+            header_metadata=d.get("header_metadata"),
         )
 
 
@@ -119,14 +137,47 @@ def scratch_result_name() -> str:
     return SCRATCH_PREFIX + uuid.uuid4().hex[:12]
 
 
+#: Names a results group may not take: the store's own nodes and files (compared
+#: case-insensitively, for case-insensitive file systems). Hidden names (``.partial-``,
+#: ``.scratch-``, ``.trash-``, the lock) are excluded by the leading-character rule.
+RESERVED_NAMES = (WEIGHTS, EXTRAS, POOL, POOL_INDEX, "zarr.json")
+#: Endings the store's own temporaries use: ``.partial-<name>.old`` (publishing), zarr's
+#: ``<name>.<hex>.partial``, and ``.tmp``.
+RESERVED_SUFFIXES = (".old", ".partial", ".tmp")
+MAX_NAME_LENGTH = 200
+_SCRATCH_NAME_RE = re.compile(re.escape(SCRATCH_PREFIX) + r"[0-9a-f]{12}")
+
+
 def check_result_name(name: str) -> str:
-    """Validate a results-group name (``--name``)."""
-    if name.startswith(SCRATCH_PREFIX) and _NAME_RE.match(name[len(SCRATCH_PREFIX) :]):
+    """Validate a results-group name (``--name``).
+
+    A name is a plain folder name of letters, digits, ``_``, ``.``, ``-``, starting with
+    a letter or digit, at most :data:`MAX_NAME_LENGTH` characters, that the store itself
+    does not use (:data:`RESERVED_NAMES`, ``pool*``, ``zarr.*``,
+    :data:`RESERVED_SUFFIXES`); the only hidden names accepted are those of
+    :func:`scratch_result_name`.
+
+    Raises
+    ------
+    UsageError
+        The name is not usable, naming it and why.
+    """
+    if _SCRATCH_NAME_RE.fullmatch(name):
         return name
-    if not _NAME_RE.match(name) or name in (WEIGHTS, EXTRAS):
+    low = name.lower()
+    why = ""
+    if not _NAME_RE.fullmatch(name):
+        why = "use letters, digits, '_', '.', '-', starting with a letter or digit"
+    elif len(name) > MAX_NAME_LENGTH:
+        why = f"use at most {MAX_NAME_LENGTH} characters"
+    elif low in RESERVED_NAMES or low.startswith((POOL, "zarr.")):
+        why = "the store itself uses that name"
+    elif low.endswith(RESERVED_SUFFIXES):
+        why = f"names ending in {', '.join(RESERVED_SUFFIXES)} are the store's temporaries"
+    if why:
         raise UsageError(
-            f"--name {name!r} is not usable: use letters, digits, '_', '.', '-', "
-            f"starting with a letter or digit, other than {WEIGHTS!r} and {EXTRAS!r}"
+            f"--name {name!r} is not usable: {why} (the store uses {', '.join(RESERVED_NAMES)}, "
+            "pool*, zarr.*, hidden names)"
         )
     return name
 

@@ -130,9 +130,24 @@ class StoreLock:
             f"remove {self.path}"
         )
 
+    def moved_to(self, root: Path) -> None:
+        """The store folder holding this (held) lock was renamed to ``root``."""
+        self.path = root / LOCK_NAME
+
     def release(self) -> None:
         if self.held:
             owner = self._read()
             if owner.get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def holder_gone(root: Path) -> bool:
+    """True when ``root`` holds a lock file whose process is gone (written on this host,
+    pid no longer alive or reused); False when there is none, it cannot be read, or its
+    process may still run."""
+    owner = StoreLock(root)._read()
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or owner.get("host") != socket.gethostname():
+        return False
+    return pid != os.getpid() and not _alive(pid, owner.get("started"))

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
@@ -25,7 +26,15 @@ import zarr
 import zarr.storage
 
 from cmdtool.errors import CmdtoolError, StoreError, StoreNotFoundError, UsageError
-from cmdtool.store.cleanup import remove_store, remove_zarr_temporaries
+from cmdtool.store import integrity
+from cmdtool.store.cleanup import (
+    clear_half_made_store,
+    creation_folder,
+    recover_upgrade,
+    remove_abandoned_creations,
+    remove_zarr_temporaries,
+)
+from cmdtool.store.integrity import CheckedLocalStore, create_array, describe_rows, writable
 from cmdtool.store.layout import (
     ATTR,
     CHUNK,
@@ -40,7 +49,8 @@ from cmdtool.store.layout import (
     layout_attrs,
 )
 from cmdtool.store.lock import StoreLock
-from cmdtool.store.results import ResultGroups
+from cmdtool.store.results import ResultGroups, ResultPin
+from cmdtool.store.validate import validate_result, validate_store
 
 
 class TrajectoryStore(ResultGroups):
@@ -57,6 +67,7 @@ class TrajectoryStore(ResultGroups):
         self._writable = writable
         self._lock = lock
         self._writer: ThreadPoolExecutor | None = None
+        self._checked_results: set[tuple[Any, ...]] = set()
         self._load_meta()
 
     def close(self) -> None:
@@ -86,68 +97,83 @@ class TrajectoryStore(ResultGroups):
         filters: dict[str, str | None] | None = None,
         chunk: int | None = None,
         pool_index: np.ndarray | None = None,
+        aliases: dict[str, str] | None = None,
+        order: Sequence[str] | None = None,
     ) -> TrajectoryStore:
         """Create an empty store (zero epochs) at ``path``, ``chunk`` values per chunk of N
-        (default :data:`CHUNK`); ``pool_index`` (sorted int64 columns) makes a sample pool."""
+        (default :data:`CHUNK`); ``pool_index`` (sorted int64 columns) makes a sample pool;
+        ``aliases`` (``{alias: stored name}``) records tied tensors stored once; ``order``
+        (every stored name and alias, in the source file's order) is the key order of
+        rebuilt checkpoints."""
         chunk = chunk or CHUNK
         p = Path(path)
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            raise StoreError(
-                f"cannot create store {p}: it exists and is not an empty folder; "
-                "pick a new path or remove it"
-            )
         n = sum(pi.size for pi in params)
         nbytes = sum(e.nbytes for e in extras)
         if n == 0:
             raise UsageError("no floating-point tensor to model: the store would be empty")
-        lock = StoreLock(p)
-        existed = p.exists()
         try:
-            p.mkdir(parents=True, exist_ok=True)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            remove_abandoned_creations(p)
+            if p.exists() and (not p.is_dir() or any(p.iterdir())):
+                if not clear_half_made_store(p):
+                    raise StoreError(
+                        f"cannot create store {p}: it exists and is not an empty folder; "
+                        "pick a new path or remove it"
+                    )
+        except OSError as exc:
+            if isinstance(exc, CmdtoolError):
+                raise
+            raise StoreError(f"cannot create store {p}: {exc.strerror or exc}") from exc
+        # built complete under a hidden sibling name, then renamed into place: a store
+        # appears whole or not at all (a killed creation leaves only the hidden folder,
+        # which the next creation of this path removes)
+        tmp = creation_folder(p)
+        lock = StoreLock(tmp)
+        try:
+            tmp.mkdir()
             lock.acquire()
-            group = zarr.open_group(zarr.storage.LocalStore(p), mode="a")
-            group.create_array(
-                WEIGHTS,
-                shape=(0, n),
-                chunks=(1, min(chunk, n)),
-                dtype="float32",
-                fill_value=0.0,
-                compressors=None,
+            group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="a")
+            create_array(
+                group, WEIGHTS, shape=(0, n), chunks=(1, min(chunk, n)), dtype="float32"
             )
             if pool_index is not None and len(pool_index):
-                group.create_array(POOL_INDEX, data=np.asarray(pool_index, dtype=np.int64))
-                group.create_array(
+                create_array(group, POOL_INDEX, data=np.asarray(pool_index, dtype=np.int64))
+                create_array(
+                    group,
                     POOL,
                     shape=(0, len(pool_index)),
                     chunks=(1, len(pool_index)),
                     dtype="float32",
-                    fill_value=0.0,
-                    compressors=None,
                 )
             if nbytes:
-                group.create_array(
-                    EXTRAS,
-                    shape=(0, nbytes),
-                    chunks=(1, nbytes),
-                    dtype="uint8",
-                    fill_value=0,
-                    compressors=None,
-                )
+                create_array(group, EXTRAS, shape=(0, nbytes), chunks=(1, nbytes), dtype="uint8")
             meta = {
-                "format_version": FORMAT_VERSION,
+                # integrity.CHECKSUM off (a benchmark switch) writes a format-v1 store
+                "format_version": FORMAT_VERSION if integrity.CHECKSUM else 1,
                 **layout_attrs(params, extras),
                 "filters": filters or {},
+                **({"aliases": dict(aliases)} if aliases else {}),
+                **({"order": list(order)} if order else {}),
                 "source_roots": [],
                 "epochs": [],
             }
             group.attrs.put({ATTR: meta})
+            try:
+                os.rename(tmp, p)  # onto nothing, or onto an empty folder
+            except OSError as exc:
+                if p.exists():
+                    raise StoreError(
+                        f"cannot create store {p}: another process created it meanwhile"
+                    ) from exc
+                raise
+            lock.moved_to(p)
         except BaseException as exc:
             lock.release()
-            if p.is_dir():
-                remove_store(p, keep_folder=existed)
-            if isinstance(exc, OSError):
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and not isinstance(exc, CmdtoolError):
                 raise StoreError(f"cannot write store {p}: {exc.strerror or exc}") from exc
             raise
+        group = zarr.open_group(CheckedLocalStore(p), mode="r+")
         return cls(p, group, writable=True, lock=lock)
 
     @classmethod
@@ -163,8 +189,10 @@ class TrajectoryStore(ResultGroups):
         if lock is not None:
             lock.acquire()
         try:
+            if writable:
+                recover_upgrade(p)  # before the arrays are checked: an upgrade's swap
             group = zarr.open_group(
-                zarr.storage.LocalStore(p, read_only=not writable),
+                CheckedLocalStore(p, read_only=not writable),
                 mode=mode,  # type: ignore[arg-type]
             )
             store = cls(p, group, writable=writable, lock=lock)
@@ -181,15 +209,15 @@ class TrajectoryStore(ResultGroups):
         return store
 
     def _load_meta(self) -> None:
-        meta = self._group.attrs.asdict().get(ATTR)
+        try:
+            meta = self._group.attrs.asdict().get(ATTR)
+        except Exception as exc:  # zarr parsed the root zarr.json already; defensive
+            raise StoreError(f"store {self.path} has corrupt metadata: {exc}") from exc
         if not isinstance(meta, dict):
             raise StoreError(f"{self.path} is not a cmdtool store (no '{ATTR}' attribute)")
-        version = meta.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise StoreError(
-                f"store {self.path} has format_version {version}, this cmdtool reads "
-                f"version {FORMAT_VERSION}; upgrade cmdtool"
-            )
+        # the attributes against the arrays: the first inconsistency is a StoreError
+        validate_store(self.path, meta, self._group)
+        self.format_version = int(meta["format_version"])
         try:
             self.params = [
                 ParamInfo(d["name"], tuple(d["shape"]), d["dtype"], int(d["offset"]))
@@ -206,20 +234,47 @@ class TrajectoryStore(ResultGroups):
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"store {self.path} has corrupt metadata: {exc}") from exc
         self.filters: dict[str, str | None] = dict(meta.get("filters", {}))
+        #: Tied tensors stored once: ``{alias: stored name}`` (optional, in file order).
+        self.aliases: dict[str, str] = dict(meta.get("aliases") or {})
+        #: Every tensor name (stored and alias) in the source file's order (optional: a
+        #: store made before it has none; rebuilt checkpoints then list modeled tensors,
+        #: then the others, then aliases).
+        self.order: list[str] = [str(n) for n in meta.get("order") or []]
         self.n_params = int(self.weights.shape[1])
         self.chunk = int(self.weights.chunks[1])
-        if self.weights.shape[0] < len(self.epochs):
-            raise StoreError(
-                f"store {self.path} is corrupt: {len(self.epochs)} committed epochs but "
-                f"'{WEIGHTS}' has {self.weights.shape[0]} rows"
-            )
         self._meta = meta
+        checked = self._group.store
+        if isinstance(checked, CheckedLocalStore):  # damage messages name epoch and columns
+            checked.describe = describe_rows(lambda: self.labels, self.n_params)
 
     def _array(self, name: str) -> zarr.Array:
+        """Array ``name``, configured to write every chunk (zeros too: format v2)."""
         node = self._group[name]
         if not isinstance(node, zarr.Array):
             raise StoreError(f"store {self.path} is corrupt: {name!r} is not an array")
-        return node
+        return writable(node)
+
+    def _check_result(self, pin: ResultPin, group: zarr.Group) -> None:
+        """Validate a decomposition's arrays against this store (once per version and
+        process): a StoreError naming the first inconsistency, or ResultChangedError
+        when a writer republished it meanwhile."""
+        meta = self.path / pin.folder / "zarr.json"
+        try:
+            st = meta.stat()
+        except OSError:
+            raise pin.changed() from None
+        key = (pin.folder, st.st_ino, st.st_mtime_ns, st.st_size, self.n_epochs)
+        if key in self._checked_results:
+            return
+        try:
+            validate_result(
+                self.path, pin.name, group, self.n_params, self.n_epochs, self.format_version
+            )
+        except StoreError:
+            if not pin.is_current():
+                raise pin.changed() from None
+            raise
+        self._checked_results.add(key)
 
     # --------------------------------------------------------------- properties
     @property
@@ -252,8 +307,16 @@ class TrajectoryStore(ResultGroups):
         )
 
     def disk_bytes(self) -> int:
-        """Bytes on disk under the store folder."""
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Bytes on disk under the store folder (files a writer renames or removes
+        meanwhile, publishing a decomposition, are skipped)."""
+        total = 0
+        for root, _dirs, files in os.walk(self.path):  # os.walk skips vanished folders
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(root, name)).st_size
+                except FileNotFoundError:
+                    continue
+        return total
 
     # ------------------------------------------------------------------ writing
     def _require_writable(self) -> None:
@@ -370,6 +433,47 @@ class TrajectoryStore(ResultGroups):
             raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
         self._meta = meta
         self.epochs = [*self.epochs, epoch]
+
+    def append_epoch(
+        self,
+        blocks: Iterable[tuple[int, np.ndarray]],
+        epoch: EpochInfo,
+        *,
+        extras: np.ndarray | None = None,
+        source_root: str | None = None,
+    ) -> None:
+        """Append one epoch and commit it; on any failure the uncommitted row is dropped.
+
+        Parameters
+        ----------
+        blocks : iterable of (int, ndarray)
+            ``(start, values)`` pieces of the row in column order, together covering
+            columns ``0 : N``; ``values`` float32, shape (n,). A piece may reuse the
+            previous one's buffer: it is written (and its pool columns copied) before
+            the next is drawn.
+        epoch : EpochInfo
+            What :meth:`commit_epoch` records.
+        extras : ndarray, uint8, shape (B,), optional
+            The epoch's non-modeled tensors as raw bytes (stores with ``extras``).
+        source_root : str, optional
+            As for :meth:`commit_epoch`.
+        """
+        pool_index = self.pool_index
+        pool = np.empty(0 if pool_index is None else len(pool_index), dtype=np.float32)
+        try:
+            row = self.begin_epoch()
+            for start, values in blocks:
+                self.write_row_block(row, start, values)
+                if pool_index is not None:
+                    lo, hi = np.searchsorted(pool_index, [start, start + len(values)])
+                    pool[lo:hi] = values[pool_index[lo:hi] - start]
+            self.write_pool_row(row, pool)
+            if extras is not None:
+                self.write_extras_row(row, extras)
+            self.commit_epoch(epoch, source_root)
+        except BaseException:
+            self.abort_epoch()
+            raise
 
     def snapshot(self) -> dict[str, Any]:
         """The committed metadata as it is now, for :meth:`rollback`."""
