@@ -35,9 +35,9 @@ from zarr.core.buffer import Buffer, BufferPrototype
 
 from cmdtool.errors import StoreError
 
-#: The codecs after zarr's ``bytes`` serializer of every array cmdtool writes. A switch
-#: for ``scripts/bench_checksum.py`` only (it measures the cost of the checksum): a store
-#: written with it off is not a valid format-v2 store.
+#: Whether new arrays get the ``crc32c`` codec. A switch for ``scripts/bench_checksum.py``
+#: only (it measures the checksum's cost): with it off, ``TrajectoryStore.create`` writes
+#: a format-v1 store (no checksum, so no missing-chunk check either).
 CHECKSUM = True
 #: Array config of every array cmdtool writes: chunks equal to the fill value are
 #: written too, so that an absent chunk can only mean damage.
