@@ -131,6 +131,21 @@ def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedP
     )
 
 
+def one_line_error(
+    r: subprocess.CompletedProcess[str], code: int, *needles: str, starts: str | None = None
+) -> str:
+    """Assert exit ``code``, no traceback, and exactly one non-blank line on stderr holding
+    every needle (and starting with ``starts`` when given); return that line."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    if starts is not None:
+        assert lines[0].startswith(starts), r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
 def tree_digest(path: Path) -> dict[str, bytes]:
     """Every file under path with its bytes: to check a store is exactly as it was."""
     return {

@@ -15,7 +15,16 @@ from safetensors.torch import load_file
 
 from cmdtool.ingestion import ingest
 from tests import cmd_reference as ref
-from tests.conftest import LAYOUT, n_modeled, planted, run_cli, state_dicts, tree_digest, write_run
+from tests.conftest import (
+    LAYOUT,
+    n_modeled,
+    one_line_error,
+    planted,
+    run_cli,
+    state_dicts,
+    tree_digest,
+    write_run,
+)
 
 cli = run_cli
 
@@ -92,15 +101,6 @@ def test_pt_format_via_cli(run_dir, tmp_path):
     assert np.array_equal(got, want)
 
 
-def _one_line_error(r, code: int, *needles: str) -> None:
-    assert r.returncode == code, (r.returncode, r.stderr)
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
 @pytest.fixture
 def store_with_model(run_dir, tmp_path):
     store = tmp_path / "s.zarr"
@@ -130,14 +130,14 @@ def test_bad_input_one_line_exit_code_store_untouched(
 ):
     before = tree_digest(store_with_model)
     argv = [a.format(store=store_with_model, tmp=tmp_path) for a in args]
-    _one_line_error(cli(*argv), code, *needles)
+    one_line_error(cli(*argv), code, *needles)
     assert tree_digest(store_with_model) == before
 
 
 def test_cuda_requested_without_gpu(store_with_model):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    _one_line_error(cli("decompose", store_with_model, "--device", "cuda"), 7, "no CUDA device")
+    one_line_error(cli("decompose", store_with_model, "--device", "cuda"), 7, "no CUDA device")
 
 
 def test_mismatched_checkpoint_and_unwritable_store(run_dir, tmp_path):
@@ -147,11 +147,11 @@ def test_mismatched_checkpoint_and_unwritable_store(run_dir, tmp_path):
     w, _, _ = planted(10, 9, 1)
     write_run(other, state_dicts(w, [("x", (10,), torch.float32)]))
     before = tree_digest(store)
-    _one_line_error(cli("ingest", other, store), 5, "epoch_9.safetensors", "missing")
+    one_line_error(cli("ingest", other, store), 5, "epoch_9.safetensors", "missing")
     assert tree_digest(store) == before
     blocker = tmp_path / "file.zarr"
     blocker.write_text("not a folder")
-    _one_line_error(cli("ingest", run_dir, blocker), 6, "file.zarr")
+    one_line_error(cli("ingest", run_dir, blocker), 6, "file.zarr")
     assert blocker.read_text() == "not a folder"
 
 
@@ -159,7 +159,7 @@ def test_debug_shows_the_traceback(tmp_path):
     # guards: handle_errors re-raising under --debug (the same error, with its traceback)
     missing = tmp_path / "missing.zarr"
     plain = cli("info", missing)
-    _one_line_error(plain, 3, "store not found", "missing.zarr")
+    one_line_error(plain, 3, "store not found", "missing.zarr")
     r = cli("--debug", "info", missing)
     lines = r.stderr.strip().splitlines()
     assert lines[0] == "Traceback (most recent call last):", r.stderr
@@ -193,7 +193,7 @@ def test_internal_error_is_exit_1_through_the_console_script(run_dir, tmp_path):
     r = subprocess.run(
         [str(exe), "decompose", str(store)], capture_output=True, text=True, env=env, timeout=300
     )
-    _one_line_error(r, 1, "internal error: RuntimeError: planted bug", "--debug")
+    one_line_error(r, 1, "internal error: RuntimeError: planted bug", "--debug")
     r = subprocess.run(
         [str(exe), "--debug", "info", str(store)],
         capture_output=True, text=True, env=env, timeout=300,
@@ -236,7 +236,7 @@ def test_bad_checkpoint_is_exit_4_and_the_store_as_it_was(tmp_path, kind):
     before = tree_digest(store)
     write_run(run, sds[3:4], name=lambda e: f"epoch_{e}{suffix}", labels=[4])  # a good one
     _, needles = _bad_epoch(run, kind, sds[4])
-    _one_line_error(cli("ingest", run, store), 4, *needles)
+    one_line_error(cli("ingest", run, store), 4, *needles)
     assert tree_digest(store) == before
 
 

@@ -5,14 +5,13 @@ epoch labels beyond int64, through the real console script."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import planted, run_cli, state_dicts, write_run
+from tests.conftest import one_line_error, planted, run_cli, state_dicts, write_run
 
 HUGE = 10**20  # a 21-digit epoch label: beyond int64 (9.2e18)
 LAYOUT = [
@@ -20,15 +19,6 @@ LAYOUT = [
     ("$\\frac{a$", (30,), torch.float32),  # matplotlib: mathtext that does not parse
     ("[bold]b[/bold]", (20,), torch.float32),  # rich: would print as a bold "b"
 ]
-
-
-def _one_line(r: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def test_plain_shows_control_characters_escaped():
@@ -77,7 +67,7 @@ def test_markup_mathtext_names_and_huge_labels_end_to_end(hostile):
 
 def test_error_naming_a_markup_path_is_one_line(tmp_path):
     missing = tmp_path / "w" / "mk[/st]" / "none.zarr"
-    _one_line(run_cli("info", missing), 3, f"{missing}")
+    one_line_error(run_cli("info", missing), 3, f"{missing}")
 
 
 def test_newline_in_a_file_name_cannot_forge_lines(tmp_path):
@@ -86,7 +76,7 @@ def test_newline_in_a_file_name_cannot_forge_lines(tmp_path):
     w, _, _ = planted(8, 1, 1)
     save_file({"w": torch.tensor(w[:, 0], dtype=torch.float32)}, str(run / "epoch_1.safetensors"))
     (run / "epoch_2\nerror: all fine\x1b[2J.safetensors").write_bytes(b"\x08\x00not a header")
-    line = _one_line(
+    line = one_line_error(
         run_cli("ingest", run, tmp_path / "s.zarr"), 4, "epoch_2\\nerror: all fine\\x1b[2J"
     )
     assert line.startswith("error: ")

@@ -16,7 +16,16 @@ import pytest
 
 from cmdtool.decomposition import CMD
 from cmdtool.ingestion import ingest
-from tests.conftest import REPO, n_modeled, planted, run_cli, state_dicts, tree_digest, write_run
+from tests.conftest import (
+    REPO,
+    n_modeled,
+    one_line_error,
+    planted,
+    run_cli,
+    state_dicts,
+    tree_digest,
+    write_run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +40,12 @@ def fitted(tmp_path_factory):
     return store
 
 
-def _one_line(r: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
-
-
 def test_sys_exit_0_in_the_function_fails_the_gate(fitted, tmp_path):
     ev = tmp_path / "ev.py"
     ev.write_text("import sys\n\ndef score(sd):\n    sys.exit(0)\n")
     before = tree_digest(fitted)
     r = run_cli("evaluate", fitted, "--eval", f"{ev}:score", "--fail-if-worse", "acc")
-    _one_line(r, 9, f"{ev}:score", "score() on the raw checkpoint of epoch 1", "sys.exit(0)")
+    one_line_error(r, 9, f"{ev}:score", "score() on the raw checkpoint of epoch 1", "sys.exit(0)")
     assert "gate passed" not in r.stdout
     assert tree_digest(fitted) == before  # nothing stored
 
@@ -61,7 +61,9 @@ def test_argparse_at_import_is_exit_9_in_one_line(fitted, tmp_path):
         "    return {'acc': 1.0}\n"
     )
     r = run_cli("evaluate", fitted, "--eval", f"{ev}:score", "--fail-if-worse", "acc")
-    _one_line(r, 9, f"importing {ev}", "sys.exit(2)", "the following arguments are required: --lr")
+    one_line_error(
+        r, 9, f"importing {ev}", "sys.exit(2)", "the following arguments are required: --lr"
+    )
 
 
 def test_module_sees_argv_of_its_own_as_python_file_py_would(fitted, tmp_path):

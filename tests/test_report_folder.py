@@ -17,7 +17,15 @@ from cmdtool.decomposition import CMD
 from cmdtool.errors import UsageError
 from cmdtool.ingestion import ingest
 from cmdtool.report import write_report
-from tests.conftest import n_modeled, planted, run_cli, state_dicts, tree_digest, write_run
+from tests.conftest import (
+    n_modeled,
+    one_line_error,
+    planted,
+    run_cli,
+    state_dicts,
+    tree_digest,
+    write_run,
+)
 
 FIGURES = {
     "correlation.png",
@@ -49,15 +57,6 @@ def previous(fitted):
     return out
 
 
-def _one_line(r: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
-
-
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
@@ -72,7 +71,7 @@ def test_force_never_replaces_a_folder_holding_the_store(fitted, tmp_path):
     (proj / "notes.txt").write_text("mine\n")
     before = tree_digest(proj)
     r = run_cli("report", proj / "store.zarr", "--out", proj, "--force")
-    _one_line(r, 2, "holds the store", str(proj))
+    one_line_error(r, 2, "holds the store", str(proj))
     assert tree_digest(proj) == before
 
 

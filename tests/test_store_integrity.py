@@ -26,7 +26,7 @@ from cmdtool.errors import StoreError
 from cmdtool.ingestion import ingest
 from cmdtool.store import TrajectoryStore
 from cmdtool.store.cleanup import UPGRADE_OLD_PREFIX, UPGRADE_PREFIX
-from tests.conftest import n_modeled, planted, state_dicts, tree_digest, write_run
+from tests.conftest import n_modeled, one_line_error, planted, state_dicts, tree_digest, write_run
 
 CHUNK = 1024  # N = 3224: rows of 4 chunks
 EPOCHS = 6
@@ -44,17 +44,6 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
         timeout=300,
         env={**os.environ, "COLUMNS": "250"},
     )
-
-
-def one_line_error(r: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
-    """Assert exit ``code`` with one line on stderr holding every needle; return it."""
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert "Traceback" not in r.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +118,10 @@ def test_missing_weights_chunk_is_exit_6_never_zeros(store, tmp_path):
     before = tree_digest(store)
     out = tmp_path / "out"
     r = cli("reconstruct", store, out, "--raw", "--epochs", "all")
-    one_line_error(r, 6, "chunk (2, 1) of 'weights'", "epoch 3", "is missing")
+    one_line_error(r, 6, "chunk (2, 1) of 'weights'", "epoch 3", "is missing", starts="error:")
     assert not (out / "epoch_3.safetensors").exists()
     r = cli("decompose", store, "--modes", "3", "--samples", "300", "--name", "again")
-    one_line_error(r, 6, "chunk (2, 1) of 'weights'", "is missing")
+    one_line_error(r, 6, "chunk (2, 1) of 'weights'", "is missing", starts="error:")
     assert tree_digest(store) == before
 
 
@@ -140,7 +129,9 @@ def test_missing_result_chunk_is_exit_6(store, tmp_path):
     (store / "cmd/a/c/2").unlink()
     before = tree_digest(store)
     r = cli("reconstruct", store, tmp_path / "out", "--epochs", "all")
-    one_line_error(r, 6, "chunk (2,) of 'cmd/a'", "parameters 2048..3071", "is missing")
+    one_line_error(
+        r, 6, "chunk (2,) of 'cmd/a'", "parameters 2048..3071", "is missing", starts="error:"
+    )
     assert tree_digest(store) == before
 
 
@@ -177,7 +168,9 @@ def test_truncated_flipped_and_unreadable_results_are_exit_6(built, tmp_path):
     chunk = s1 / "weights/c/0/0"
     chunk.write_bytes(chunk.read_bytes()[:1000])
     r = cli("reconstruct", s1, tmp_path / "o1", "--raw", "--epochs", "1")
-    one_line_error(r, 6, "chunk (0, 0) of 'weights'", "has 1000 bytes, 4100 expected")
+    one_line_error(
+        r, 6, "chunk (0, 0) of 'weights'", "has 1000 bytes, 4100 expected", starts="error:"
+    )
 
     s2 = _copy(built, tmp_path, "s2")
     chunk = s2 / "cmd/b/c/1"
@@ -191,7 +184,7 @@ def test_truncated_flipped_and_unreadable_results_are_exit_6(built, tmp_path):
     (s3 / "cmd/zarr.json").write_text('{"zarr_format": 3, "node_ty')
     before = tree_digest(s3)
     r = cli("reconstruct", s3, tmp_path / "o3")
-    one_line_error(r, 6, "decomposition 'cmd'", "unreadable zarr.json")
+    one_line_error(r, 6, "decomposition 'cmd'", "unreadable zarr.json", starts="error:")
     assert tree_digest(s3) == before
 
     s4 = _copy(built, tmp_path, "s4")
@@ -320,13 +313,15 @@ def test_negative_label_or_big_endian_weights_fail_through_the_cli(built, tmp_pa
     labels = zarr.open_array(s1 / "cmd/labels", mode="r+")  # plain zarr: a valid crc
     labels[1500] = -1
     r = cli("reconstruct", s1, tmp_path / "o1", "--epochs", "all")
-    one_line_error(r, 6, "chunk (1,) of 'cmd/labels'", "holds label -1, outside [0, 3)")
+    one_line_error(
+        r, 6, "chunk (1,) of 'cmd/labels'", "holds label -1, outside [0, 3)", starts="error:"
+    )
     assert not list((tmp_path / "o1").glob("epoch_*"))
 
     s2 = _copy(built, tmp_path, "s2")
     _edit_json(s2 / "weights/zarr.json", _endian)
     r = cli("reconstruct", s2, tmp_path / "o2", "--raw")
-    one_line_error(r, 6, "array 'weights' is stored big-endian")
+    one_line_error(r, 6, "array 'weights' is stored big-endian", starts="error:")
 
 
 # ---------------------------------------------------------------------- verify
@@ -347,7 +342,7 @@ def test_verify_lists_every_damaged_chunk(built, tmp_path):
     zarr.open_array(s / "cmd/labels", mode="r+")[3000] = 7  # 3 modes: out of range
     before = tree_digest(s)
     r = cli("verify", s, "--json")
-    one_line_error(r, 6, "4 problem(s)", "chunk (4, 2) of 'weights'")
+    one_line_error(r, 6, "4 problem(s)", "chunk (4, 2) of 'weights'", starts="error:")
     report = json.loads(r.stdout)
     assert report["ok"] is False and report["checksummed"] is True
     problems = report["problems"]
