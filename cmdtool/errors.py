@@ -20,6 +20,7 @@ code  meaning
 8     cluster: the Dask scheduler cannot be reached, or a worker or task was lost
 9     evaluation: the ``--eval`` function cannot be loaded, raises, or returns non-numbers
 10    gate failed: ``--fail-if-worse``, CMD scored worse than raw (``GateFailed``)
+11    object store: credentials missing or refused, access denied, network failure
 130   interrupted (Ctrl-C)
 ====  ==========================================================================
 """
@@ -107,6 +108,13 @@ class ClusterError(CmdtoolError, ConnectionError):
     """The Dask cluster (``--cluster``) cannot be reached, or lost a task or worker mid-run."""
 
     exit_code = 8
+
+
+class ObjectStoreError(CmdtoolError, OSError):
+    """An object store (``s3://`` ...) cannot be used: missing or refused credentials,
+    access denied, or the network failed (a missing bucket or key is a NotFoundError)."""
+
+    exit_code = 11
 
 
 class EvaluationError(CmdtoolError, RuntimeError):

@@ -80,10 +80,17 @@ def _save(state: Mapping[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(path))
 
 
-def make_cnn(out: Path, seed: int, epochs: int) -> None:
-    """The sample's recipe with another training seed."""
-    torch.manual_seed(seed)
+def _split(seed: int, n_train: int | None) -> tuple[torch.Tensor, ...]:
+    """The digits split of ``load_split``, the training part cut to ``n_train`` images."""
     x_tr, y_tr, x_te, y_te, _, _ = load_split(seed)
+    return x_tr[:n_train], y_tr[:n_train], x_te, y_te
+
+
+def make_cnn(out: Path, seed: int, epochs: int, n_train: int | None = None) -> None:
+    """The sample's recipe with another training seed (``n_train``: the first training
+    images only, for tests)."""
+    torch.manual_seed(seed)
+    x_tr, y_tr, x_te, y_te = _split(seed, n_train)
     save_file({"x": x_te, "y": y_te}, str(out / "heldout.safetensors"))
     gen = torch.Generator().manual_seed(seed)
     model = build_cnn()
@@ -93,9 +100,9 @@ def make_cnn(out: Path, seed: int, epochs: int) -> None:
         _save(model.state_dict(), out / "run" / f"epoch_{epoch:03d}.safetensors")
 
 
-def make_mlp(out: Path, epochs: int, seed: int = 0) -> None:
+def make_mlp(out: Path, epochs: int, seed: int = 0, n_train: int | None = None) -> None:
     torch.manual_seed(seed)
-    x_tr, y_tr, x_te, y_te, _, _ = load_split(seed)
+    x_tr, y_tr, x_te, y_te = _split(seed, n_train)
     save_file({"x": x_te, "y": y_te}, str(out / "heldout.safetensors"))
     gen = torch.Generator().manual_seed(seed)
     model = build_mlp()
@@ -113,10 +120,11 @@ def make_mlp(out: Path, epochs: int, seed: int = 0) -> None:
         _save(model.state_dict(), out / "run" / f"epoch_{epoch:03d}.safetensors")
 
 
-def make_transformer(out: Path, epochs: int, seed: int = 0) -> None:
-    """bf16 weights and activations (plain SGD updates rounded to bf16 each step)."""
+def make_transformer(out: Path, epochs: int, seed: int = 0, n_train: int | None = None) -> None:
+    """bf16 weights and activations (plain SGD updates rounded to bf16 each step);
+    ``n_train`` training sequences (default 2048)."""
     torch.manual_seed(seed)
-    x_tr, y_tr = sort_data(2048, seed)
+    x_tr, y_tr = sort_data(2048 if n_train is None else n_train, seed)
     x_te, y_te = sort_data(512, seed + 1000)
     save_file({"x": x_te, "y": y_te}, str(out / "heldout.safetensors"))
     gen = torch.Generator().manual_seed(seed)
@@ -156,18 +164,19 @@ def evaluator(kind: str, heldout: Path) -> Callable[[Mapping[str, torch.Tensor]]
     return accuracy
 
 
-def make(out: Path, name: str, epochs: int) -> Path:
-    """Train run ``name`` (``cnnS``, ``mlp``, ``transformer``) into ``out/name``."""
+def make(out: Path, name: str, epochs: int, n_train: int | None = None) -> Path:
+    """Train run ``name`` (``cnnS``, ``mlp``, ``transformer``) into ``out/name``; with
+    ``n_train``, on that many training examples only (the small runs of the tests)."""
     folder = out / name
     (folder / "run").mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     if name.startswith("cnn"):
-        make_cnn(folder, int(name[3:]), epochs)
+        make_cnn(folder, int(name[3:]), epochs, n_train)
     elif name == "mlp":
-        make_mlp(folder, epochs)
+        make_mlp(folder, epochs, n_train=n_train)
     elif name == "transformer":
-        make_transformer(folder, epochs)
+        make_transformer(folder, epochs, n_train=n_train)
     else:
         raise SystemExit(f"unknown run {name!r}: cnnS, mlp or transformer")
     return folder

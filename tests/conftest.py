@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.s3server import s3_bucket, s3_module_env, s3_server  # noqa: F401  (fixtures)
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "sample_checkpoints"
 
@@ -131,6 +133,25 @@ def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedP
     )
 
 
+def invoke_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``cmdtool ARGS`` run in this process by ``typer.testing.CliRunner`` (no interpreter
+    start, no torch import): the same Typer app, error handling and exit codes as
+    :func:`run_cli`. An exception escaping the app is written to stderr as the interpreter
+    would (its traceback, exit 1), so :func:`one_line_error` checks it the same way."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from cmdtool.cli import app
+
+    argv = [str(a) for a in args]
+    r = CliRunner().invoke(app, argv, env={"COLUMNS": "200"}, prog_name="cmdtool")
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(r.exception))
+    return subprocess.CompletedProcess(["cmdtool", *argv], r.exit_code, r.stdout, stderr)
+
+
 def one_line_error(
     r: subprocess.CompletedProcess[str], code: int, *needles: str, starts: str | None = None
 ) -> str:
@@ -161,3 +182,14 @@ def planted_run(tmp_path: Path):
     folder = tmp_path / "run"
     write_run(folder, state_dicts(w))
     return folder, w, groups
+
+
+@pytest.fixture(scope="session")
+def fault_server(tmp_path_factory):
+    """``tests/fault_runner.py --serve``: runs fault-armed commands as forked children of
+    one already imported process (:class:`tests.fault_runner.ForkServer`)."""
+    from tests.fault_runner import ForkServer
+
+    server = ForkServer(tmp_path_factory.mktemp("fault-runner"))
+    yield server
+    server.close()

@@ -159,10 +159,12 @@ def test_unreachable_scheduler_is_a_cluster_error(store: Path, tmp_path: Path) -
 
 def test_usage_errors_before_any_connection(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     before = tree_digest(store)
-    with pytest.raises(UsageError, match="remote object stores are not supported"):
-        CMD(cluster="local").fit("s3://bucket/run.zarr")
-    with pytest.raises(UsageError, match="remote object stores are not supported"):
-        reconstruct(Path("gs://bucket/run.zarr"), "out", cluster="local")  # Path keeps 'gs:/'
+    # object-store URLs reach the workers (tests/test_cli_objectstore.py); an in-process
+    # memory:// store or an unknown scheme cannot, and is refused before any connection
+    with pytest.raises(UsageError, match="memory:// store lives in this process only"):
+        CMD(cluster="local").fit("memory://run.zarr")
+    with pytest.raises(UsageError, match="ftp://bucket/run.zarr: unsupported URL scheme"):
+        reconstruct("ftp://bucket/run.zarr", "out", cluster="local")
     with pytest.raises(UsageError, match="not a usable scheduler address"):
         cmd(cluster="no-port").fit(store)
     with pytest.raises(UsageError, match="--device 'tpu'"):

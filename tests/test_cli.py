@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from cmdtool.ingestion import ingest
 from tests import cmd_reference as ref
 from tests.conftest import (
     LAYOUT,
+    invoke_cli,
     n_modeled,
     one_line_error,
     planted,
@@ -101,36 +103,46 @@ def test_pt_format_via_cli(run_dir, tmp_path):
     assert np.array_equal(got, want)
 
 
-@pytest.fixture
-def store_with_model(run_dir, tmp_path):
-    store = tmp_path / "s.zarr"
+@pytest.fixture(scope="module")
+def model_template(run_dir, tmp_path_factory):
+    """A store of run_dir with a 2-mode decomposition, made once by the CLI."""
+    store = tmp_path_factory.mktemp("cli-model") / "s.zarr"
     assert cli("ingest", run_dir, store).returncode == 0
     assert cli("decompose", store, "--samples", "200", "--modes", "2").returncode == 0
     return store
 
 
+@pytest.fixture
+def store_with_model(model_template, tmp_path):
+    """A test's own copy of the template (the store records no path of its own)."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(model_template, store)
+    return store
+
+
 @pytest.mark.parametrize(
-    ("args", "code", "needles"),
-    [
-        (["decompose", "{store}", "--modes", "0"], 2, ["modes=0"]),
-        (["decompose", "{store}", "--modes", "500", "--samples", "200"], 2, ["modes=500"]),
-        (["decompose", "{store}", "--samples", "999999"], 2, ["samples=999999"]),
-        (["decompose", "{store}", "--epochs", "50:60"], 2, ["--epochs 50:60"]),
-        (["decompose", "{store}", "--epochs", "1:3"], 2, ["at least 3"]),
-        (["decompose", "{store}", "--modes", "3", "--threshold", "0.5"], 2, ["not both"]),
-        (["decompose", "{store}", "--name", "weights"], 2, ["--name 'weights'"]),
-        (["reconstruct", "{store}", "{tmp}/o", "--epochs", "99"], 3, ["epoch 99"]),
-        (["reconstruct", "{store}", "{tmp}/o", "--name", "nope"], 3, ["'nope'", "decompose"]),
-        (["info", "{tmp}/missing.zarr"], 3, ["missing.zarr"]),
-        (["ingest", "{tmp}/no_such_dir", "{store}"], 3, ["no_such_dir"]),
+    ("args", "code", "needles", "process"),
+    [  # process: through a real `python -m cmdtool` (one per command and exit code);
+        # the others call the same Typer app in this process (invoke_cli)
+        (["decompose", "{store}", "--modes", "0"], 2, ["modes=0"], True),
+        (["decompose", "{store}", "--modes", "500", "--samples", "200"], 2, ["modes=500"], False),
+        (["decompose", "{store}", "--samples", "999999"], 2, ["samples=999999"], False),
+        (["decompose", "{store}", "--epochs", "50:60"], 2, ["--epochs 50:60"], False),
+        (["decompose", "{store}", "--epochs", "1:3"], 2, ["at least 3"], False),
+        (["decompose", "{store}", "--modes", "3", "--threshold", "0.5"], 2, ["not both"], False),
+        (["decompose", "{store}", "--name", "weights"], 2, ["--name 'weights'"], False),
+        (["reconstruct", "{store}", "{tmp}/o", "--epochs", "99"], 3, ["epoch 99"], True),
+        (["reconstruct", "{store}", "{tmp}/o", "--name", "nope"], 3, ["'nope'", "decompose"], False),  # noqa: E501
+        (["info", "{tmp}/missing.zarr"], 3, ["missing.zarr"], False),
+        (["ingest", "{tmp}/no_such_dir", "{store}"], 3, ["no_such_dir"], True),
     ],
 )
 def test_bad_input_one_line_exit_code_store_untouched(
-    store_with_model, tmp_path, args, code, needles
+    store_with_model, tmp_path, args, code, needles, process
 ):
     before = tree_digest(store_with_model)
     argv = [a.format(store=store_with_model, tmp=tmp_path) for a in args]
-    one_line_error(cli(*argv), code, *needles)
+    one_line_error((cli if process else invoke_cli)(*argv), code, *needles)
     assert tree_digest(store_with_model) == before
 
 

@@ -27,7 +27,8 @@ CHUNK = 1024  # rows of 4 chunks in these small stores
 EPOCHS = 5
 
 
-def runner(mode: str, k: int, *args: str | Path) -> subprocess.CompletedProcess[str]:
+def fresh_runner(mode: str, k: int, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``tests/fault_runner.py`` as a fresh interpreter (the fork server's reference)."""
     return subprocess.run(
         [sys.executable, str(RUNNER), mode, str(k), str(CHUNK), "--", *map(str, args)],
         capture_output=True,
@@ -38,7 +39,18 @@ def runner(mode: str, k: int, *args: str | Path) -> subprocess.CompletedProcess[
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def runner(fault_server):
+    """The same command line run in a child of the fork server (a real process that a
+    real SIGKILL ends at its k-th write), without a new interpreter's start per kill."""
+
+    def run(mode: str, k: int, *args: str | Path) -> subprocess.CompletedProcess[str]:
+        return fault_server.run(mode, k, CHUNK, *args, cwd=REPO)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, runner):
     """A 5-epoch run and a store holding its first 2 epochs (chunk width 1024)."""
     base = tmp_path_factory.mktemp("crash")
     w, _, _ = planted(n_modeled(), EPOCHS, 3, seed=4)
@@ -50,6 +62,12 @@ def source(tmp_path_factory):
     assert zarr.open_group(base / "store", mode="r")["weights"].chunks == (1, CHUNK)
     r = runner("count", 0, "ingest", base / "run", base / "full")
     total = int(r.stderr.strip().rsplit("writes=", 1)[1])
+    # a forked child makes the very writes a fresh interpreter makes: the kill points
+    # counted below are the command line's own
+    r = fresh_runner("count", 0, "ingest", base / "run", base / "fresh")
+    assert r.returncode == 0, r.stderr
+    assert int(r.stderr.strip().rsplit("writes=", 1)[1]) == total
+    assert tree_digest(base / "fresh") == tree_digest(base / "full")
     return base, sds, total
 
 
@@ -96,7 +114,7 @@ def _rows_match_sources(store: Path, sds) -> int:
     return st.n_epochs
 
 
-def test_sigkill_after_every_write_then_resume(source, tmp_path):
+def test_sigkill_after_every_write_then_resume(source, runner, tmp_path):
     # guards: the commit order in ingest._append / store.commit_epoch, and store._recover
     base, sds, _ = source
     shutil.copytree(base / "store", tmp_path / "probe")
@@ -156,7 +174,7 @@ def test_io_error_on_the_first_epoch_removes_the_new_store(source, tmp_path, mon
     assert not (tmp_path / "new").exists()
 
 
-def test_killed_decompose_keeps_the_previous_result(source, tmp_path):
+def test_killed_decompose_keeps_the_previous_result(source, runner, tmp_path):
     # guards: begin_result/publish_result (hidden partial group, renamed when complete)
     base, _, _ = source
     store = tmp_path / "s"
@@ -246,7 +264,7 @@ def test_io_error_on_every_result_write_keeps_the_previous_result(source, tmp_pa
 
 
 def test_sigkill_at_every_write_of_store_creation_then_ingest_resumes(
-    source, tmp_path, monkeypatch
+    source, runner, tmp_path, monkeypatch
 ):
     # guards: TrajectoryStore.create building the store under a hidden name and renaming
     # it into place, and cleanup.remove_abandoned_creations (issue 11)

@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cmdtool"
 #: modules of its own stage or of lower ones, never of a higher one.
 STAGES = {
     "errors": 0,
+    "objectstore": 0,
     "checkpoints": 1,
     "store": 1,
     "ingestion": 2,
@@ -29,6 +30,7 @@ STAGES = {
     "evaluation": 6,
     "report": 6,
     "online": 7,
+    "integrations": 8,
     "pipeline": 8,
     "cli": 9,
     "__main__": 10,

@@ -361,6 +361,58 @@ def test_save_and_resume_give_identical_results(tmp_path, cls, stop):
     again.close()
 
 
+@pytest.mark.parametrize("stop", [3, 8])  # mid-warm-up, after warm-up (and a freeze)
+def test_to_state_and_from_state_continue_in_memory(tmp_path, stop):
+    """The in-memory form of save/resume (used by the training-framework callbacks)."""
+    epochs = 10
+    model = _model()
+    opt = _opt(model)
+    est = _make(EmbeddedCMD, model, opt)
+    for epoch in range(epochs):
+        _train_epoch(model, opt, epoch)
+        est.step()
+    expected = _results(est, model)
+    est.close()
+
+    model = _model()
+    opt = _opt(model)
+    est = _make(EmbeddedCMD, model, opt)
+    for epoch in range(stop):
+        _train_epoch(model, opt, epoch)
+        est.step()
+    meta, tensors = est.to_state()
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    if stop < 5:
+        assert tensors == {} and not meta["warmup_finished"]
+        est.copy_warmup(tmp_path / "warm.zarr")
+    else:
+        before = {k: v.clone() for k, v in tensors.items()}
+        _train_epoch(model, opt, stop)
+        est.step()  # the state taken is a copy: later steps leave it alone
+        assert all(torch.equal(tensors[k], v) for k, v in before.items())
+    est.close()
+    del est
+
+    model = _model(seed=7)
+    model.load_state_dict(saved_model)
+    opt = _opt(model)
+    opt.load_state_dict(saved_opt)
+    est = EmbeddedCMD.from_state(
+        meta, tensors, model, optimizer=opt, warmup_store=tmp_path / "warm.zarr"
+    )
+    for epoch in range(stop, epochs):
+        _train_epoch(model, opt, epoch)
+        est.step()
+    got = _results(est, model)
+    assert got[1] == expected[1] and got[2] == expected[2]
+    for key, value in expected[0].items():
+        assert torch.equal(got[0][key], value), key
+    est.close()
+    with pytest.raises(MismatchError, match="differ from the saved ones"):
+        EmbeddedCMD.from_state(meta, tensors, nn.Linear(3, 2), optimizer=None)
+
+
 # ------------------------------------------------------------------------- bad input
 def test_bad_input_is_refused_with_clear_errors(tmp_path):
     model = _model()

@@ -16,7 +16,10 @@ does: labels, a, b and the error figures are bit-identical to the single-process
 the same kind of device.
 
 Workers must see the store (and reconstruct's OUT folder) at the same path: one machine,
-or a shared file system. Remote object stores (``s3://`` and other URLs) are not supported.
+or a shared file system; or the store is at an object-store URL (``s3://bucket/prefix``):
+then each worker opens it by URL with the credentials of its own environment
+(``AWS_*``; a LocalCluster's workers inherit the client's) and reads its chunks straight
+from the object store, no shared disk needed. ``memory://`` stores are refused.
 ``cluster="local"`` spawns worker processes, which import the caller's main module as
 ``multiprocessing`` does: a script must call it under ``if __name__ == "__main__":``.
 """
@@ -70,11 +73,14 @@ def check_store_path(store: object) -> None:
     """Refuse a URL: workers open the store by local path (same machine or shared FS)."""
     path = str(getattr(store, "path", store))
     if _URL_RE.match(path):
-        raise UsageError(
-            f"STORE {path} looks like a URL: the Dask backend opens the store by path on "
-            "every worker, and remote object stores are not supported yet; put the store "
-            "on a file system the workers share and pass its path"
-        )
+        from cmdtool.store.objects import normalize
+
+        url = normalize(path)  # an unsupported scheme: a UsageError naming it
+        if url.startswith("memory://"):
+            raise UsageError(
+                f"STORE {path}: a memory:// store lives in this process only; the Dask "
+                "workers cannot reach it"
+            )
 
 
 def check_device_request(device: str) -> None:
@@ -265,11 +271,13 @@ def _fit_block_task(job: _FitJob, start: int, stop: int) -> _BlockTotals:
         if job.before_block is not None:
             job.before_block(start, stop)
         device = worker_device(job.device)
+        if device.type == "cuda":  # this worker's GPU is its current one (streams, events,
+            torch.cuda.set_device(device)  # cuBLAS); its pinned buffers are reused per thread
         st = TrajectoryStore.open(job.store)
         block = st.read_block(job.rows, start, stop)
         parts = fit_columns(block, References.from_trajectories(job.ref_traj, device), device)
         arrays = {  # every chunk written, zeros too (format v2: an absent chunk is damage)
-            key: zarr.open_array(path, mode="r+", config=WRITE_CONFIG)
+            key: zarr.open_array(_array_store(path), mode="r+", config=WRITE_CONFIG)
             for key, path in job.arrays.items()
         }
         write_block(arrays, start, parts)
@@ -338,7 +346,19 @@ def _collect(
             client.cancel(list(futures), force=True)
 
 
+def _array_store(path: str) -> Any:
+    """Where a worker opens a result array: a local path, or (an object-store URL) the
+    object store rooted at the array, credentials from the worker's environment."""
+    from cmdtool.store.objcheck import zarr_store
+    from cmdtool.store.objects import is_url
+
+    return zarr_store(path, read_only=False) if is_url(path) else path
+
+
 def _array_path(arr: zarr.Array) -> str:
+    url = getattr(arr.store, "url", None)
+    if isinstance(url, str):  # a store on an object store: workers reach it by URL
+        return f"{url}/{arr.path}"
     root = getattr(arr.store, "root", None)
     if root is None:
         raise UsageError("the Dask backend writes results to a store on a local file system")

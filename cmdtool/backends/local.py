@@ -12,16 +12,38 @@ import numpy as np
 import torch
 import zarr
 
-from cmdtool.backends.base import MapProgress, PassProgress, PassTotals, fit_columns, write_block
-from cmdtool.method.kernels import References
+from cmdtool.backends.base import MapProgress, PassProgress, PassTotals, write_block
+from cmdtool.backends.staging import Staged, Staging
+from cmdtool.method.kernels import BlockFit, References, fit_block
 from cmdtool.store import TrajectoryStore
 
 
-class LocalBackend:
-    """Run passes and tasks in this process, the pass on one torch ``device``."""
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
-    def __init__(self, device: torch.device) -> None:
+
+class LocalBackend:
+    """Run passes and tasks in this process, the pass on one torch ``device``.
+
+    Parameters
+    ----------
+    device : torch.device
+    workers : int, optional
+        Kernel threads on the CPU; default: the cores this process may use.
+    staging : Staging, optional
+        The host-to-device buffers (default: a fresh :class:`Staging` per pass).
+    """
+
+    def __init__(
+        self, device: torch.device, *, workers: int | None = None, staging: Staging | None = None
+    ) -> None:
         self.device = device
+        self.workers = workers
+        self.staging = staging
 
     def fit_pass(
         self,
@@ -33,26 +55,47 @@ class LocalBackend:
     ) -> PassTotals:
         """Steps 5-6 over every column block, reading each chunk of the window once.
 
-        On the CPU, torch gets one core fewer than the machine has while the pass runs:
-        the read-ahead thread needs one, and torch's threads spin-wait on each other
-        when one of them is descheduled (measured on 2 cores under load: 1 thread
-        136 ms, 2 threads 651 ms per 50 x 262144 block).
+        On the CPU the kernel runs on ``workers`` threads of its own, each torch
+        operation on one thread (torch's intra-op threads are set to 1 for the pass):
+        they block, never spin, when the read-ahead thread needs a core (torch's own
+        threads spin-wait on each other when one of them is descheduled: measured on 2
+        cores under load, 1 thread 136 ms, 2 threads 651 ms per 50 x 262144 block).
+        On a GPU the transfer of block i + 1 is queued before block i is computed
+        (:class:`~cmdtool.backends.staging.Staging`).
         """
         device = self.device
         refs = References.from_trajectories(ref_traj, device)
         totals = PassTotals.zeros(refs.n_modes)
         totals.device = str(device)
+        staging = self.staging or Staging(device)
+        workers = self.workers or (cpu_cores() if device.type == "cpu" else 1)
         threads = torch.get_num_threads()
         if device.type == "cpu":
-            torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+            torch.set_num_threads(1)
+
+        def finish(start: int, stop: int, staged: Staged) -> None:
+            try:
+                parts: list[BlockFit] = [fit_block(staged.tensor(), refs, workers=workers)]
+            finally:
+                staged.release()
+            write_block(arrays, start, parts)
+            for p in parts:
+                totals.add(p)
+            if progress is not None:
+                progress(stop, st.n_params)
+
         try:
+            pending: tuple[int, int, Staged] | None = None
             for start, stop, block in _prefetched(st, rows):
-                parts = fit_columns(block, refs, device)
-                write_block(arrays, start, parts)
-                for p in parts:
-                    totals.add(p)
-                if progress is not None:
-                    progress(stop, st.n_params)
+                staged = staging.put(block)
+                if not staging.overlaps:
+                    finish(start, stop, staged)
+                    continue
+                if pending is not None:  # block i computes while block i + 1 copies
+                    finish(*pending)
+                pending = (start, stop, staged)
+            if pending is not None:
+                finish(*pending)
         finally:
             torch.set_num_threads(threads)
         return totals

@@ -61,7 +61,14 @@ def _low_rank_rows(
 ) -> Iterator[tuple[int, State]]:
     assert model.basis is not None and model.coef is not None
     k = model.basis.shape[1]
-    scratch = st.path / scratch_result_name()
+    from cmdtool.store.objects import is_url
+
+    if is_url(str(st.path)):  # no folder in an object store: a local temporary one
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(prefix="cmdtool-basis-")) / scratch_result_name()
+    else:
+        scratch = st.path / scratch_result_name()
     try:
         scratch.mkdir()
         target = str(scratch / "basis")
@@ -83,6 +90,8 @@ def _low_rank_rows(
             yield int(row), _finish(st, int(row), flat)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if is_url(str(st.path)):
+            shutil.rmtree(scratch.parent, ignore_errors=True)
 
 
 def _ema_rows(

@@ -142,7 +142,12 @@ def check_settings(
     check_result_name(name)
     if not isinstance(ema_decay, int | float) or not (0.0 < ema_decay < 1.0):  # NaN fails
         raise UsageError(f"--ema-decay {ema_decay}: must be > 0 and < 1")
-    path = store.path if isinstance(store, TrajectoryStore) else Path(store)
+    from cmdtool.store.objects import is_url
+
+    # a URL stays text: a Path would fold s3://bucket into s3:/bucket
+    path = store.path if isinstance(store, TrajectoryStore) else (
+        store if is_url(store) else Path(store)
+    )
     with TrajectoryStore.open(path) as st:
         has = name in st.result_names()
         win, stp = epochs, 1 if stride is None else stride
@@ -176,4 +181,4 @@ def check_settings(
         if write is not None:
             check_out(st, Path(write))
     assert math.isfinite(ema_decay)
-    return Settings(path, meths, use, win, stp, rows, float(ema_decay), k, has)
+    return Settings(path, meths, use, win, stp, rows, float(ema_decay), k, has)  # type: ignore[arg-type]  # a URL is text

@@ -13,6 +13,7 @@ import torch
 from cmdtool.checkpoints.dcp import DCPReader
 from cmdtool.checkpoints.discover import HF_SINGLE_FILES, CheckpointEntry, read_index
 from cmdtool.checkpoints.limits import ReadLimits, check_params
+from cmdtool.checkpoints.remote import open_remote_file, refuse_remote_dcp
 from cmdtool.checkpoints.safetensors import SafetensorsReader
 from cmdtool.checkpoints.torchfile import QUALNAME_RE, STATES, TorchReader
 from cmdtool.errors import CheckpointError, UsageError
@@ -38,6 +39,9 @@ def _open_file(
     limits: ReadLimits | None = None,
 ) -> _Reader:
     limits = limits or ReadLimits()
+    remote = open_remote_file(path, allow_globals, state, limits)  # object-store SOURCE
+    if remote is not None:
+        return remote
     if path.suffix.lower() == ".safetensors":
         return SafetensorsReader(path, max_tensors=limits.max_tensors)
     return TorchReader(path, allow_globals, state, limits)
@@ -266,6 +270,7 @@ def open_checkpoint(
     readers: list[_Reader] = []
     try:
         if entry.kind == "dcp":  # one reader for the folder: .metadata + *.distcp
+            refuse_remote_dcp(entry.path)
             readers.append(DCPReader(entry.path))
         for path in entry.files if entry.kind != "dcp" else ():
             readers.append(_open_file(path, allowed, state, limits))

@@ -8,7 +8,6 @@ hostile header cannot make the reader allocate or read out of bounds.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,17 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from cmdtool.checkpoints.bytesource import read_at, remote_of, size_of
 from cmdtool.checkpoints.limits import ReadLimits, check_tensor_count
 from cmdtool.errors import (
     CheckpointError,
+    CmdtoolError,
 )
 
 #: safetensors refuses headers longer than this (``MAX_HEADER_SIZE``); so does cmdtool.
 MAX_HEADER = 100_000_000
+#: First read of an object-store file's header: length and (usually) the whole header.
+FIRST_READ = 1 << 20
 #: Bytes per element of each safetensors dtype code.
 _ST_ITEMSIZE: dict[str, int] = {
     "BOOL": 1,
@@ -229,27 +232,32 @@ def _read_safetensors_header(
     the file's bytes (nor the header length, which is its first 8 bytes).
     """
     try:
-        with path.open("rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(
-                    f"invalid safetensors file {path}: it is {size} bytes long, too short "
-                    "for the 8-byte header length (truncated?)"
-                )
-            length = int.from_bytes(prefix, "little")
-            if length > MAX_HEADER:
-                raise CheckpointError(
-                    f"invalid safetensors file {path}: its header length is more than the "
-                    f"{MAX_HEADER} bytes safetensors allows (corrupt, or not a safetensors file?)"
-                )
-            if length > size - 8:
-                raise CheckpointError(
-                    f"invalid safetensors file {path}: its header length exceeds the file, "
-                    f"where only {size - 8} follow the header length (truncated, or not a "
-                    "safetensors file?)"
-                )
-            raw = fh.read(length)
+        size = size_of(path)
+        # one ranged GET for an object (header and length together); 8 bytes locally
+        first = read_at(path, 0, FIRST_READ if remote_of(path) else 8)
+        prefix = first[:8]
+        if len(prefix) < 8:
+            raise CheckpointError(
+                f"invalid safetensors file {path}: it is {size} bytes long, too short "
+                "for the 8-byte header length (truncated?)"
+            )
+        length = int.from_bytes(prefix, "little")
+        if length > MAX_HEADER:
+            raise CheckpointError(
+                f"invalid safetensors file {path}: its header length is more than the "
+                f"{MAX_HEADER} bytes safetensors allows (corrupt, or not a safetensors file?)"
+            )
+        if length > size - 8:
+            raise CheckpointError(
+                f"invalid safetensors file {path}: its header length exceeds the file, "
+                f"where only {size - 8} follow the header length (truncated, or not a "
+                "safetensors file?)"
+            )
+        raw = first[8 : 8 + length]
+        if len(raw) < length:
+            raw += read_at(path, 8 + len(raw), length - len(raw))
+    except CmdtoolError:  # an object store's one-line errors (an OSError too) as they are
+        raise
     except OSError as exc:
         raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
     if len(raw) != length:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
+from cmdtool.checkpoints.bytesource import read_at
 from cmdtool.checkpoints.discover import CheckpointEntry
 from cmdtool.checkpoints.reader import Checkpoint
 from cmdtool.checkpoints.safetensors import MAX_HEADER
-from cmdtool.errors import CheckpointError
+from cmdtool.errors import CheckpointError, NotFoundError, ObjectStoreError
 
 #: Kinds whose tensors come from torch pickles, where storage sharing survives a load.
 _TORCH_KINDS = frozenset({"torch", "lightning", "hf"})
@@ -94,11 +95,12 @@ def safetensors_metadata(path: Path) -> dict[str, str] | None:
         The header cannot be read, or its metadata is not an object of strings.
     """
     try:
-        with path.open("rb") as fh:
-            length = int.from_bytes(fh.read(8), "little")
-            if length > MAX_HEADER:
-                raise CheckpointError(f"invalid safetensors file {path}: header too long")
-            header = json.loads(fh.read(length).decode("utf-8"))
+        length = int.from_bytes(read_at(path, 0, 8), "little")
+        if length > MAX_HEADER:
+            raise CheckpointError(f"invalid safetensors file {path}: header too long")
+        header = json.loads(read_at(path, 8, length).decode("utf-8"))
+    except (ObjectStoreError, NotFoundError):  # an object store's own one-line errors
+        raise
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read the header of {path}: {exc}") from exc
     meta = header.get("__metadata__") if isinstance(header, dict) else None

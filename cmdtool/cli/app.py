@@ -242,8 +242,39 @@ def decompose_json(model: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- commands
-SourceArg = Annotated[Path, typer.Argument(help="Folder of checkpoints.")]
-StoreArg = Annotated[Path, typer.Argument(help="Trajectory store (a zarr v3 folder).")]
+def _source_location(value: str) -> Path:
+    """SOURCE as given: a folder (a Path), or an object-store URL kept as text."""
+    from cmdtool.objectstore.url import is_url
+
+    return value if is_url(value) else Path(value)  # type: ignore[return-value]
+
+
+SourceArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Folder of checkpoints, or an object-store URL (s3://bucket/run).",
+        parser=_source_location,
+        metavar="SOURCE",
+    ),
+]
+
+
+def _store_location(value: str) -> Path:
+    """STORE as given: a folder (a Path), or an object-store URL kept as text (a Path
+    would fold its ``//``); the store layer tells them apart."""
+    from cmdtool.store.objects import is_url
+
+    return value if is_url(value) else Path(value)  # type: ignore[return-value]
+
+
+StoreArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Trajectory store: a zarr v3 folder, or an object-store URL (s3://bucket/prefix).",
+        parser=_store_location,
+        metavar="STORE",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
 NameOpt = Annotated[str, typer.Option("--name", help="Name of the decomposition subgroup.")]
 ClusterOpt = Annotated[

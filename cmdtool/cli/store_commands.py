@@ -352,6 +352,17 @@ def watch(
         err.print(message, highlight=False, soft_wrap=True)
 
     with handle_errors():
+        if isinstance(source, str):  # an object-store URL (SourceArg keeps it as text)
+            from cmdtool.errors import UsageError
+
+            raise UsageError(f"watch {source}: SOURCE must be a local folder (object-store "
+                             "SOURCEs work with ingest, not watch, yet)")
+        if isinstance(store, str):  # an object-store URL (StoreArg keeps it as text)
+            from cmdtool.errors import UsageError
+
+            raise UsageError(f"watch: STORE {store} must be a local folder (watch replaces "
+                             "and removes local folders; object-store STOREs work with "
+                             "ingest, decompose and update)")
         summary = run_watch(
             source,
             store,

@@ -4,7 +4,6 @@ against M, paper Fig. 23)."""
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -162,7 +161,7 @@ def sweep(
                     for key in metrics:
                         metrics[key].append(got[key])
             finally:
-                shutil.rmtree(st.path / tmp, ignore_errors=True)
+                st._remove(st.path / tmp)  # local: renamed away, deleted; a URL: unpointed
                 st.discard_result(tmp)
             if progress is not None:
                 progress(i + 1, len(modes), f"M = {m}")

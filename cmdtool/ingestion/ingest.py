@@ -8,7 +8,6 @@ committed. A failure mid-epoch drops the uncommitted row, so the store is left a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
@@ -29,16 +28,20 @@ from cmdtool.checkpoints import (
     find_checkpoints,
     open_checkpoint,
 )
+from cmdtool.checkpoints.bytesource import fingerprint
 from cmdtool.checkpoints.limits import DEFAULT_MAX_PARAMS, DEFAULT_MAX_TENSORS, ReadLimits
+from cmdtool.checkpoints.remote import mirror
 from cmdtool.checkpoints.tied import find_aliases, safetensors_metadata
 from cmdtool.errors import (
     CmdtoolError,
     MismatchError,
     NonFiniteError,
+    ObjectStoreError,
     SourceNotFoundError,
     UsageError,
 )
 from cmdtool.method.sampling import sample_indices
+from cmdtool.objectstore.url import is_url as source_is_url
 from cmdtool.store import (
     POOL_SIZE,
     EpochInfo,
@@ -47,7 +50,7 @@ from cmdtool.store import (
     TrajectoryStore,
     remove_store,
 )
-from cmdtool.store.cleanup import is_half_made_store
+from cmdtool.store.cleanup import store_present
 from cmdtool.store.normstats import (
     check_stored_pattern,
     compile_stats_pattern,
@@ -55,9 +58,10 @@ from cmdtool.store.normstats import (
     pattern_for_new_store,
     stats_pattern_of,
 )
+from cmdtool.store.objects import is_url
 
 Progress = Callable[[int, int, str], None]
-#: Chunks written per zarr call (zarr writes them concurrently): a 16 MiB buffer.
+#: Chunks per row block (16 MiB), written concurrently while the next one is built.
 WRITE_CHUNKS = 16
 
 
@@ -189,6 +193,7 @@ def _row_blocks(
     """
     width = store.chunk * WRITE_CHUNKS
     buf = np.empty(width, dtype=np.float32)
+    finite = np.empty(width, dtype=np.bool_)
     fill = 0
     start = 0
     for p in store.params:
@@ -208,10 +213,13 @@ def _row_blocks(
         while i < p.size:
             take = min(p.size - i, width - fill)
             piece = buf[fill : fill + take]
-            piece[:] = flat[i : i + take].to(torch.float32).numpy()
-            # one float64 sum is finite iff every value is (float32 values cannot
-            # overflow it); also catches fp64 values beyond float32's range
-            if not allow_nonfinite and not np.isfinite(np.sum(piece, dtype=np.float64)):
+            part = flat[i : i + take]
+            if part.dtype == torch.float32:  # one copy, out of the file's mapping
+                np.copyto(piece, part.numpy())
+            else:  # converted straight into the buffer: one pass, no temporary
+                torch.from_numpy(piece).copy_(part)
+            # fp64 values beyond float32's range are Inf by now, so caught too
+            if not allow_nonfinite and not np.isfinite(piece, out=finite[:take]).all():
                 raise NonFiniteError(
                     f"{where}: tensor {src!r} of epoch {label} holds NaN or Inf"
                     + (" after conversion to float32" if p.dtype == "float64" else "")
@@ -244,21 +252,6 @@ def _extras_row(
     return out
 
 
-def fingerprint(entry: CheckpointEntry) -> tuple[int, int, str]:
-    """Total size, latest mtime (ns) and sha256 of an entry's weight files, in order."""
-    digest = hashlib.sha256()
-    size = 0
-    mtime = 0
-    for f in entry.files:
-        st = f.stat()
-        size += st.st_size
-        mtime = max(mtime, st.st_mtime_ns)
-        with f.open("rb") as fh:
-            while block := fh.read(1 << 23):
-                digest.update(block)
-    return size, mtime, digest.hexdigest()
-
-
 def _changed_since_commit(
     store: TrajectoryStore, entries: list[CheckpointEntry], root: Path
 ) -> list[dict[str, object]]:
@@ -274,14 +267,15 @@ def _changed_since_commit(
         mtime = max(f.stat().st_mtime_ns for f in entry.files)
         if size == old.size and mtime == old.mtime_ns:
             continue
-        if fingerprint(entry)[2] != old.sha256:
+        sha = fingerprint(entry)[2]
+        if sha is not None and sha != old.sha256:
             changed.append({"label": entry.label, "source": old.source})
     return changed
 
 
 def _read_ahead(
     todo: list[CheckpointEntry], readers: int
-) -> Iterator[tuple[CheckpointEntry, tuple[int, int, str]]]:
+) -> Iterator[tuple[CheckpointEntry, tuple[int, int, str | None]]]:
     """Entries in order with their fingerprints, up to ``readers`` of them being read
     concurrently ahead of the one being written (which warms the page cache too)."""
     if readers < 0:
@@ -306,7 +300,8 @@ def _append(
     keep: _NameFilter,
     root: Path,
     allow_nonfinite: bool,
-    print_: tuple[int, int, str],
+    print_: tuple[int, int, str | None],
+    source_root: str | None = None,
 ) -> None:
     """Write one epoch's rows, then commit it; on any failure drop the partial row."""
     where = entry.relpath(root)
@@ -333,7 +328,7 @@ def _append(
             header_metadata=_header_metadata(entry),
         ),
         extras=_extras_row(store, ckpt, mapping, where) if store.extras else None,
-        source_root=str(root.resolve()),
+        source_root=source_root or str(root.resolve()),
     )
 
 def _check_aliases(
@@ -407,13 +402,16 @@ def ingest(
     max_params: int = DEFAULT_MAX_PARAMS,
     max_tensors: int = DEFAULT_MAX_TENSORS,
     progress: Progress | None = None,
+    source_root: str | None = None,
 ) -> IngestSummary:
     """Append the checkpoints of ``source`` that are not yet in the store.
 
     Parameters
     ----------
-    source : path
-        Folder of checkpoints (see :func:`cmdtool.checkpoints.discover`).
+    source : path or str
+        Folder of checkpoints (see :func:`cmdtool.checkpoints.discover`), or an
+        object-store URL (``s3://bucket/run``): its listing is discovered by the same
+        rules and each file read when its turn comes (:mod:`cmdtool.checkpoints.remote`).
     store_path : path
         The store; created on first use.
     pattern : str, optional
@@ -455,6 +453,9 @@ def ingest(
         Refuse a checkpoint file holding more tensors than this (``--max-tensors``,
         default 100,000).
     progress : callable(done, total, label), optional
+    source_root : str, optional
+        The checkpoint folder the store records (default: ``source`` resolved; the URL
+        for an object-store SOURCE).
 
     Returns
     -------
@@ -468,6 +469,15 @@ def ingest(
         the store is exactly as it was. An interruption (Ctrl-C, a crash) keeps the
         committed epochs; the next ingest resumes after them.
     """
+    if source_is_url(str(source)):  # discover the listing, read each file when its turn comes
+        kwargs = {k: v for k, v in locals().items() if k not in ("source", "store_path")}
+        with mirror(str(source)) as tree:
+            try:
+                kwargs["source_root"] = source_root or str(tree.url)
+                return ingest(tree.root, store_path, **kwargs)
+            except CmdtoolError as exc:
+                tree.rename_error(exc)
+                raise
     t0 = time.perf_counter()
     if stats_pattern is not None:
         compile_stats_pattern(stats_pattern)  # a bad regex fails before anything is read
@@ -478,15 +488,16 @@ def ingest(
     if labels is not None:
         wanted = set(labels)
         entries = [e for e in entries if e.label in wanted]
-    path = Path(store_path)
+    remote = is_url(str(store_path))  # an object-store URL stays text (Path folds "//")
+    path: Any = str(store_path) if remote else Path(store_path)
     # a store an older cmdtool was killed creating is created anew (issue 11)
-    exists = (path / "zarr.json").exists() and not is_half_made_store(path)
+    exists = store_present(path)
     keep = _NameFilter(include, exclude)
     summary = IngestSummary(store=str(path), created=not exists, labels=found.labels)
     summary.skipped_files = [{"path": f.path, "reason": f.reason} for f in found.skipped]
     store: TrajectoryStore | None = None
     created_here = False
-    existed_before = path.exists()
+    existed_before = remote or path.exists()
     before: dict[str, Any] | None = None
     try:
         if exists:
@@ -527,7 +538,7 @@ def ingest(
                         order=[name for name in ckpt if keep(name)],  # the file's key order
                     )
                     created_here = True
-                _append(store, entry, ckpt, keep, root, allow_nonfinite, print_)
+                _append(store, entry, ckpt, keep, root, allow_nonfinite, print_, source_root)
                 key = ckpt.state_key or "(top level)"
                 summary.state_keys[key] = summary.state_keys.get(key, 0) + 1
             summary.added.append(entry.label)
@@ -543,7 +554,9 @@ def ingest(
         summary.stats = [t.name for t in match_stats(store.params, pattern_now)]
         summary.n_epochs = store.n_epochs
     except BaseException as exc:
-        bad_input = isinstance(exc, CmdtoolError)
+        # an object store failing mid-run (network, access) is kept like an interruption:
+        # the epochs committed stay, and the next ingest resumes after them
+        bad_input = isinstance(exc, CmdtoolError) and not isinstance(exc, ObjectStoreError)
         if created_here and store is not None and (bad_input or store.n_epochs == 0):
             store.close()
             remove_store(path, keep_folder=existed_before)

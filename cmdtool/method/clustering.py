@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import pdist
+from scipy.spatial.distance import squareform
 
 from cmdtool.errors import UsageError
 from cmdtool.method.kernels import CONST_RTOL, FLAT_RTOL
@@ -69,10 +69,18 @@ def abs_corr(x: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    ndarray, float64, shape (K, K), values in [0, 1]
+    ndarray, float64, shape (K, K), values in [0, 1], symmetric, 1 on the diagonal of
+    the non-constant rows
     """
     u = centred_unit_rows(x)
-    return np.clip(np.abs(u @ u.T), 0.0, 1.0)
+    c = np.abs(u @ u.T)
+    # exactly symmetric with a unit diagonal, as |corr| is: the reference rule's ties
+    # (a two-member mode) are then exact ties, broken by the DESIGN rule (earlier sample)
+    c += c.T
+    c *= 0.5
+    live = np.flatnonzero(np.einsum("ij,ij->i", u, u) > 0)
+    c[live, live] = 1.0
+    return np.clip(c, 0.0, 1.0, out=c)
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,45 @@ class Modes:
     @property
     def n_modes(self) -> int:
         return int(self.ref_rows.shape[0])
+
+
+#: Pairs whose Gram-form squared distance is below this fraction of the rows' squared
+#: norms are recomputed as the norm of the row difference (no cancellation there).
+NEAR_RTOL = 1e-6
+
+
+def row_distances(c: np.ndarray) -> np.ndarray:
+    """Euclidean distances between the rows of ``c``, condensed as
+    ``scipy.spatial.distance.pdist(c)`` gives them.
+
+    The Gram form ``|c_i|^2 + |c_j|^2 - 2 c_i . c_j`` (one BLAS product: ~10x faster
+    than pdist at K = 1000), with the pairs where it cancels (squared distance below
+    :data:`NEAR_RTOL` of the squared norms: near-duplicate rows) recomputed directly, so
+    that duplicate rows are exactly 0 apart; elsewhere it differs from pdist by rounding
+    only (about 1e-12 of the distance).
+
+    Parameters
+    ----------
+    c : ndarray, float64, shape (k, k')
+
+    Returns
+    -------
+    ndarray, float64, shape (k (k - 1) / 2,)
+    """
+    c = np.ascontiguousarray(c, dtype=np.float64)
+    norm2 = np.einsum("ij,ij->i", c, c)
+    d2 = c @ c.T
+    d2 *= -2.0
+    d2 += norm2[:, None]
+    d2 += norm2[None, :]
+    near = d2 <= NEAR_RTOL * (norm2[:, None] + norm2[None, :])
+    iu, ju = np.nonzero(np.triu(near, 1))
+    for lo in range(0, len(iu), 4096):  # bounded scratch: 4096 pairs at a time
+        i, j = iu[lo : lo + 4096], ju[lo : lo + 4096]
+        diff = c[i] - c[j]
+        d2[i, j] = np.einsum("ij,ij->i", diff, diff)
+    flat = squareform(d2, force="tovector", checks=False)
+    return np.sqrt(np.maximum(flat, 0.0, out=flat), out=flat)
 
 
 def find_modes(
@@ -155,7 +202,7 @@ def _cut(c: np.ndarray, n_modes: int | None, threshold: float | None) -> Modes:
     if k == 1:
         raw = np.ones(1, dtype=np.int64)
     else:
-        dist = pdist(c)
+        dist = row_distances(c)
         tree = linkage(dist, method="complete")
         if n_modes is not None:
             raw = fcluster(tree, n_modes, criterion="maxclust")

@@ -40,7 +40,7 @@ from torch import nn
 
 from cmdtool.checkpoints.dtypes import dtype_name
 from cmdtool.decomposition import CMD, MIN_EPOCHS
-from cmdtool.errors import MismatchError, NotFoundError, StoreError, UsageError
+from cmdtool.errors import MismatchError, StoreError, UsageError
 from cmdtool.method.running import (
     ParamSums,
     ReferenceSums,
@@ -51,15 +51,19 @@ from cmdtool.method.running import (
 from cmdtool.online.warmup import (
     META_KEY,
     RESULT_NAME,
-    SAVE_FORMAT,
     WARMUP_SUFFIX,
     NamedParams,
     OnlineState,
     WarmupError,
     WarmupStore,
+    check_meta,
+    check_saved_layout,
+    gated_stats,
     named_tensors,
     param_layout,
     read_saved,
+    state_meta,
+    stats_layout,
 )
 
 
@@ -143,6 +147,7 @@ class OnlineCMD:
         self._params = named_tensors(model_or_named_params)
         self._infos = param_layout(self._params)
         self._device = self._params[0][1].device
+        self._stats = stats_layout(self._infos, self._device)
         self.n_params_ = sum(p.size for p in self._infos)
         self.n_epochs_ = 0
         self.workdir_: Path | None = None
@@ -286,6 +291,7 @@ class OnlineCMD:
         ref_traj = np.asarray(group["ref_traj"][:], dtype=np.float32)  # type: ignore[index]
         refs = ReferenceSums.from_trajectories(ref_traj, device=dev)
         ref_now = w[ref_index].to(torch.float64)
+        constant = load("constant", bool) if "constant" in group else labels < 0
         self._state = OnlineState(
             labels=labels,
             ref_index=ref_index,
@@ -296,6 +302,8 @@ class OnlineCMD:
             b=torch.zeros(0),
             relative_error=0.0,
             mode_errors=np.zeros(0),
+            constant=constant,
+            stats_now=None if self._stats is None else w[self._stats.cols].to(torch.float64),
         )
         self._update_coefficients()
         self._release_warm()
@@ -314,18 +322,22 @@ class OnlineCMD:
         st.sums.fold(w, r, st.refs, st.labels)
         st.refs.fold(r)
         st.ref_now = r.to(torch.float64)
+        if self._stats is not None:
+            st.stats_now = w[self._stats.cols].to(torch.float64)
         self.n_epochs_ += 1
         self._update_coefficients()
         self._after_fold()
 
     def _update_coefficients(self) -> None:
         st = self._require_state()
-        coef = coefficients(st.sums, st.refs, st.labels)
+        # the parameters constant over the warm-up stay in no mode: a = 0, b their mean
+        # (their value while they do not move: float64 sums of float32 values)
+        coef = coefficients(st.sums, st.refs, st.labels, st.constant)
         st.a, st.b = self._merge_coefficients(coef.a, coef.b)
         m = int(st.ref_index.shape[0])
-        err2, sq, _ = mode_totals(st.labels, coef, m)
+        err2, sq, _ = mode_totals(st.labels, coef, m, st.constant)
         st.relative_error, per_mode = relative_errors(err2, sq)
-        st.mode_errors = per_mode[:m]  # slot m (constants) is empty without a mask
+        st.mode_errors = per_mode[:m]  # slot m: the constant parameters
 
     # hooks of EmbeddedCMD
     def _warmup_finished(self) -> None:
@@ -349,7 +361,9 @@ class OnlineCMD:
         return st.a * st.ref_now[st.labels] + st.b
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The CMD weights ``a·r_m(t) + b`` at the last epoch t.
+        """The CMD weights ``a·r_m(t) + b`` at the last epoch t (normalization statistics
+        given as (name, tensor) pairs, e.g. ``running_var``, rebuilt as post-hoc CMD's
+        default ``--stats gated``; constant parameters exactly).
 
         Returns
         -------
@@ -362,6 +376,9 @@ class OnlineCMD:
             Before the warm-up has finished (a :class:`~cmdtool.errors.UsageError`).
         """
         values = self._cmd_values()
+        st = self._require_state()
+        if self._stats is not None and st.stats_now is not None:  # as post-hoc's default
+            values = gated_stats(values, st.stats_now, self._stats)
         out: dict[str, torch.Tensor] = {}
         for (name, p), info in zip(self._params, self._infos, strict=True):
             piece = values[info.offset : info.offset + info.size]
@@ -388,6 +405,12 @@ class OnlineCMD:
     @property
     def b_(self) -> torch.Tensor:
         return self._require_state().b
+
+    @property
+    def constant_(self) -> torch.Tensor:
+        """bool (N,): parameters constant over the warm-up, in no mode (``a_`` = 0)."""
+        st = self._require_state()
+        return st.labels < 0 if st.constant is None else st.constant
 
     @property
     def n_modes_(self) -> int:
@@ -425,33 +448,36 @@ class OnlineCMD:
         }
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        st = self._state
-        if st is None:
-            return {}
-        return {
-            "labels": st.labels,
-            "ref_index": st.ref_index,
-            "sum_w": st.sums.sum_w,
-            "sum_w2": st.sums.sum_w2,
-            "sum_wr": st.sums.sum_wr,
-            "ref_first": st.refs.first,
-            "ref_s1": st.refs.s1,
-            "ref_s2": st.refs.s2,
-            "ref_now": st.ref_now,
-            "a": st.a,
-            "b": st.b,
-        }
+        return {} if self._state is None else self._state.tensors()
+
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The state that :meth:`save` writes, in memory: JSON metadata and tensors.
+
+        Returns
+        -------
+        meta : dict
+            JSON-compatible settings, counters and parameter layout.
+        tensors : dict of str to Tensor
+            CPU copies of the O(N) state (EmbeddedCMD adds its mask); empty during the
+            warm-up, whose epochs live in the warm-up store (:meth:`copy_warmup`).
+        """
+        meta = state_meta(
+            type(self).__name__, self._settings(), self.n_epochs_, self._infos, self._state
+        )
+        state = self._state_tensors().items()
+        return meta, {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state}
+
+    def copy_warmup(self, target: str | os.PathLike[str]) -> None:
+        """Replace the folder ``target`` by a copy of the warm-up store (for :meth:`from_state`)."""
+        if self._warm is None:
+            raise UsageError("no warm-up store to copy: the warm-up has not started or is over")
+        self._warm.copy_to(Path(target))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the state to the safetensors file ``path`` (no pickle).
-
-        After the warm-up the file holds the O(N) state (labels, references, running sums,
-        ``a``, ``b``) and JSON metadata with the settings and counters. During the warm-up
-        it holds the metadata only, and the warm-up store is copied to
-        ``path + ".warmup.zarr"`` so that :meth:`resume` continues the warm-up. Both are
-        written under temporary names and renamed, so an interrupted save leaves the
-        previous one intact.
-        """
+        """Write :meth:`to_state` to the safetensors file ``path`` (no pickle; the metadata
+        as JSON); during the warm-up the warm-up store is copied to ``path + ".warmup.zarr"``.
+        Both are written under temporary names and renamed: an interrupted save leaves the
+        previous one intact."""
         if self._state is None and self.n_epochs_ > 0 and self._warm is None:
             raise UsageError(
                 "this OnlineCMD was closed during the warm-up and its warm-up epochs are "
@@ -459,23 +485,7 @@ class OnlineCMD:
             )
         target = Path(path)
         warm_copy = Path(str(target) + WARMUP_SUFFIX)
-        meta = {
-            "format_version": SAVE_FORMAT,
-            "class": type(self).__name__,
-            "settings": self._settings(),
-            "n_epochs": self.n_epochs_,
-            "n_params": self.n_params_,
-            "warmup_finished": self._state is not None,
-            "params": [
-                {"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "offset": p.offset}
-                for p in self._infos
-            ],
-        }
-        if self._state is not None:
-            meta["ref_count"] = self._state.refs.count
-            meta["relative_error"] = self._state.relative_error
-            meta["mode_errors"] = [float(e) for e in self._state.mode_errors]
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self._state_tensors().items()}
+        meta, tensors = self.to_state()
         partial = target.with_name(target.name + ".partial")
         try:
             if self._state is None and self._warm is not None:
@@ -515,79 +525,55 @@ class OnlineCMD:
         """
         p = Path(path)
         meta, tensors = read_saved(p)
+        return cls.from_state(
+            meta,
+            tensors,
+            model_or_named_params,
+            warmup_store=Path(str(p) + WARMUP_SUFFIX),
+            workdir=workdir,
+            where=str(p),
+            **kwargs,
+        )
+
+    @classmethod
+    def from_state(
+        cls,
+        meta: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        model_or_named_params: NamedParams,
+        *,
+        warmup_store: str | os.PathLike[str] | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+        where: str = "the saved state",
+        **kwargs: Any,
+    ) -> Self:
+        """Continue from the output of :meth:`to_state` (what :meth:`resume` reads), with
+        ``warmup_store`` a copy of the warm-up store (:meth:`copy_warmup`; needed for a state
+        taken during the warm-up, copied, not changed). ``where`` names the state in error
+        messages; the other arguments are those of :meth:`resume`."""
+        check_meta(meta, where)
         if meta.get("class") != cls.__name__:
             raise UsageError(
-                f"{p} was saved by {meta.get('class')}, not {cls.__name__}; resume it with "
-                f"{meta.get('class')}.resume"
+                f"{where} was saved by {meta.get('class')}, not {cls.__name__}; resume it "
+                f"with {meta.get('class')}"
             )
         est = cls(model_or_named_params, workdir=workdir, **kwargs, **meta["settings"])
         try:
-            est._check_saved_layout(p, meta)
+            check_saved_layout(est._infos, meta, where)
             est.n_epochs_ = int(meta["n_epochs"])
             if meta["warmup_finished"]:
                 est._load_state(meta, tensors)
             elif est.n_epochs_ > 0:
-                source = Path(str(p) + WARMUP_SUFFIX)
-                if not (source / "zarr.json").is_file():
-                    raise NotFoundError(
-                        f"{p} was saved during the warm-up but its store {source} is missing; "
-                        "keep the .warmup.zarr folder next to the saved file"
-                    )
-                est._warm = WarmupStore.copy_of(source, None if workdir is None else Path(workdir))
+                wd = None if workdir is None else Path(workdir)
+                est._warm = WarmupStore.resumed(warmup_store, wd, where, est.n_epochs_)
                 est._adopt_warm()
-                have = est._warm._open().n_epochs
-                if have != est.n_epochs_:
-                    raise StoreError(
-                        f"{source} holds {have} epochs, {p} says {est.n_epochs_}; save again"
-                    )
         except BaseException:
             est.close()
             raise
         return est
 
-    def _check_saved_layout(self, path: Path, meta: dict[str, Any]) -> None:
-        saved = [(d["name"], tuple(d["shape"])) for d in meta["params"]]
-        now = [(p.name, p.shape) for p in self._infos]
-        if saved == now:
-            return
-        diff = [f"{n!r} {s}" for n, s in saved if (n, s) not in now]
-        new = [f"{n!r} {s}" for n, s in now if (n, s) not in saved]
-        parts = []
-        if diff:
-            parts.append("saved but not given: " + ", ".join(diff[:5]))
-        if new:
-            parts.append("given but not saved: " + ", ".join(new[:5]))
-        if not parts:
-            parts.append("the order differs")
-        raise MismatchError(
-            f"{path}: the parameters differ from the saved ones ({'; '.join(parts)}); "
-            "resume with the model that was saved"
-        )
-
     def _load_state(self, meta: dict[str, Any], t: dict[str, torch.Tensor]) -> None:
-        dev = self._device
-
-        def get(key: str) -> torch.Tensor:
-            if key not in t:
-                raise StoreError(f"saved OnlineCMD lacks the tensor {key!r}; save again")
-            return t[key].to(dev)
-
-        self._state = OnlineState(
-            labels=get("labels"),
-            ref_index=get("ref_index"),
-            sums=ParamSums(get("sum_w"), get("sum_w2"), get("sum_wr")),
-            refs=ReferenceSums(
-                first=get("ref_first"),
-                s1=get("ref_s1"),
-                s2=get("ref_s2"),
-                count=int(meta["ref_count"]),
-            ),
-            ref_now=get("ref_now"),
-            a=get("a"),
-            b=get("b"),
-            relative_error=float(meta["relative_error"]),
-            mode_errors=np.asarray(meta["mode_errors"], dtype=np.float64),
-        )
+        self._state = OnlineState.from_tensors(meta, t, self._device)
         self._load_extra(t)
 
     def _load_extra(self, t: dict[str, torch.Tensor]) -> None:

@@ -120,7 +120,7 @@ class Hashes:
     """sha256 of pending entries, computed once per set of file signatures."""
 
     def __init__(self) -> None:
-        self._known: dict[tuple[Path, ...], tuple[tuple[Signature, ...], str]] = {}
+        self._known: dict[tuple[Path, ...], tuple[tuple[Signature, ...], str | None]] = {}
 
     def sha256(self, entry: CheckpointEntry) -> str | None:
         """The entry's sha256 (as ingest records it), or None if a file is gone."""

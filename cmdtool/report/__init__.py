@@ -42,7 +42,11 @@ class ReportSummary:
 
 
 def default_dir(store: str | os.PathLike[str]) -> Path:
-    """``<store parent>/report``."""
+    """``<store parent>/report`` (``./report`` for a store at an object-store URL)."""
+    from cmdtool.store.objects import is_url
+
+    if is_url(str(store)):
+        return Path.cwd() / REPORT_DIR
     return Path(store).resolve().parent / REPORT_DIR
 
 

@@ -6,6 +6,7 @@ format (:mod:`~cmdtool.store.layout`) is public; results groups are published by
 :mod:`~cmdtool.store.epochs` turns ``--epochs`` windows into rows.
 """
 
+from cmdtool.store import remote as _remote  # noqa: F401  (registers URL stores)
 from cmdtool.store.cleanup import remove_store, remove_zarr_temporaries
 from cmdtool.store.layout import (
     ATTR,

@@ -11,14 +11,29 @@ from pathlib import Path
 
 from cmdtool.store.layout import EXTRAS, POOL, POOL_INDEX, WEIGHTS, ZARR_TMP_RE
 from cmdtool.store.lock import LOCK_NAME, _alive, holder_gone
+from cmdtool.store.objects import is_url, remote
 
 #: Infix of the hidden sibling folder a store is built in before it is renamed into
 #: place: ``.<name>.creating-<pid>-<hex>``.
 CREATING = ".creating-"
 
 
-def remove_store(path: Path, *, keep_folder: bool) -> None:
-    """Undo a store created by a failed first write (an empty folder stays a folder)."""
+def store_present(path: str | os.PathLike[str]) -> bool:
+    """Whether a complete store is at ``path`` (a folder, or an object-store URL); a store
+    a killed creation left half made is not one (it is created anew)."""
+    if is_url(path):
+        return bool(remote("exists")(str(path)))
+    p = Path(path)
+    return (p / "zarr.json").exists() and not is_half_made_store(p)
+
+
+def remove_store(path: Path | str, *, keep_folder: bool) -> None:
+    """Undo a store created by a failed first write (an empty folder stays a folder; at
+    an object-store URL, every object under the prefix is deleted)."""
+    if is_url(path):
+        remote("remove")(str(path))
+        return
+    path = Path(path)
     if not keep_folder:
         shutil.rmtree(path, ignore_errors=True)
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cmdtool.store import RESULT_ATTR, TrajectoryStore
+from cmdtool.store import RESULT_ATTR, TrajectoryStore, pipeline
 from cmdtool.store.normstats import LEGACY_STATS, match_stats, stats_pattern_of
 
 
@@ -50,6 +50,8 @@ def describe(store: TrajectoryStore | str | os.PathLike[str]) -> dict[str, Any]:
         "filters": st.filters,
         "stats": _stats(st),
         "disk_bytes": st.disk_bytes(),
+        # which codec pipeline reads weights (zarrs or zarr-python; issue 14)
+        "codec_pipeline": pipeline.describe(st),
         "decompositions": results,
     }
 

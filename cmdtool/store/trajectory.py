@@ -16,8 +16,6 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,8 @@ import zarr
 import zarr.storage
 
 from cmdtool.errors import CmdtoolError, StoreError, StoreNotFoundError, UsageError
-from cmdtool.store import integrity
+from cmdtool.store import integrity, pipeline
+from cmdtool.store.chunkwrite import RowWriter
 from cmdtool.store.cleanup import (
     clear_half_made_store,
     creation_folder,
@@ -49,6 +48,7 @@ from cmdtool.store.layout import (
     layout_attrs,
 )
 from cmdtool.store.lock import StoreLock
+from cmdtool.store.objects import is_url, remote
 from cmdtool.store.results import ResultGroups, ResultPin
 from cmdtool.store.validate import validate_result, validate_store
 
@@ -66,7 +66,7 @@ class TrajectoryStore(ResultGroups):
         self._group = group
         self._writable = writable
         self._lock = lock
-        self._writer: ThreadPoolExecutor | None = None
+        self._writer: RowWriter | None = None
         self._checked_results: set[tuple[Any, ...]] = set()
         self._load_meta()
 
@@ -76,7 +76,7 @@ class TrajectoryStore(ResultGroups):
             self._lock.release()
             self._lock = None
         if self._writer is not None:
-            self._writer.shutdown()
+            self._writer.close()
             self._writer = None
         self._writable = False
 
@@ -105,6 +105,11 @@ class TrajectoryStore(ResultGroups):
         ``aliases`` (``{alias: stored name}``) records tied tensors stored once; ``order``
         (every stored name and alias, in the source file's order) is the key order of
         rebuilt checkpoints."""
+        if is_url(path):  # an object store: its own protocol (store/remote.py)
+            return remote("store").create_url(  # type: ignore[no-any-return]
+                str(path), params, extras, filters=filters, chunk=chunk,
+                pool_index=pool_index, aliases=aliases, order=order,
+            )
         chunk = chunk or CHUNK
         p = Path(path)
         n = sum(pi.size for pi in params)
@@ -178,7 +183,10 @@ class TrajectoryStore(ResultGroups):
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, mode: str = "r") -> TrajectoryStore:
-        """Open an existing store; ``mode="r+"`` to append or write results."""
+        """Open an existing store (a folder, or an object-store URL such as
+        ``s3://bucket/prefix``); ``mode="r+"`` to append or write results."""
+        if is_url(path):
+            return remote("store").open_url(str(path), mode=mode)  # type: ignore[no-any-return]
         p = Path(path)
         if not (p / "zarr.json").is_file():
             if p.exists():
@@ -358,29 +366,15 @@ class TrajectoryStore(ResultGroups):
     def write_row_block(self, row: int, start: int, values: np.ndarray) -> None:
         """Write ``values`` (float32, (n,)) at columns ``start : start + n`` of ``row``.
 
-        Chunks are written concurrently, one zarr call each, and all of them have
-        finished (written or failed) when this returns or raises: zarr's own concurrent
-        write raises at the first failure while other chunk writes are still in flight,
-        which could land after the caller has rolled the row back.
+        Chunks are written concurrently (``store/chunkwrite.py``), and all of them have
+        finished (written or failed) when this returns or raises.
         """
-        stop = start + values.shape[0]
-        bounds = [*range(start, stop, self.chunk), stop]
-        pieces = list(pairwise(bounds))
+        self._row_writer().write(row, start, values)
+
+    def _row_writer(self) -> RowWriter:
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cmdtool-write")
-
-        def put(lo: int, hi: int) -> None:
-            self.weights[row, lo:hi] = values[lo - start : hi - start]
-
-        done = [self._writer.submit(put, lo, hi) for lo, hi in pieces]
-        errors = [f.exception() for f in done]  # waits for every write
-        first = next((e for e in errors if e is not None), None)
-        if isinstance(first, OSError):
-            raise StoreError(
-                f"cannot write store {self.path}: {first.strerror or first}"
-            ) from first
-        if first is not None:
-            raise first
+            self._writer = RowWriter(self.weights, str(self.path))
+        return self._writer
 
     def write_extras_row(self, row: int, data: np.ndarray) -> None:
         """Write one epoch's non-modeled tensors as raw bytes (uint8, (B,))."""
@@ -416,6 +410,11 @@ class TrajectoryStore(ResultGroups):
         """Pool values of the given committed rows: float32, (len(rows), P)."""
         return np.asarray(self._array(POOL).oindex[np.asarray(rows, dtype=np.int64), :])
 
+    def _put_meta(self, meta: dict[str, Any]) -> None:
+        """Rewrite the root attribute ``cmdtool`` (the commit: one atomic write of the root
+        ``zarr.json``; an object store overrides it with a conditional put)."""
+        self._group.attrs.put({**self._group.attrs.asdict(), ATTR: meta})
+
     def commit_epoch(self, epoch: EpochInfo, source_root: str | None = None) -> None:
         """Make the row written since :meth:`begin_epoch` visible, atomically.
 
@@ -428,7 +427,7 @@ class TrajectoryStore(ResultGroups):
         if source_root is not None and source_root not in roots:
             meta["source_roots"] = [*roots, source_root]
         try:
-            self._group.attrs.put({**self._group.attrs.asdict(), ATTR: meta})
+            self._put_meta(meta)
         except OSError as exc:
             raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
         self._meta = meta
@@ -460,18 +459,21 @@ class TrajectoryStore(ResultGroups):
         """
         pool_index = self.pool_index
         pool = np.empty(0 if pool_index is None else len(pool_index), dtype=np.float32)
+        writer = self._row_writer()
         try:
             row = self.begin_epoch()
-            for start, values in blocks:
-                self.write_row_block(row, start, values)
+            for start, values in blocks:  # the next block is built while this one is written
+                writer.submit(row, start, values)
                 if pool_index is not None:
                     lo, hi = np.searchsorted(pool_index, [start, start + len(values)])
                     pool[lo:hi] = values[pool_index[lo:hi] - start]
+            writer.wait()  # the whole row is on disk before anything refers to it
             self.write_pool_row(row, pool)
             if extras is not None:
                 self.write_extras_row(row, extras)
             self.commit_epoch(epoch, source_root)
         except BaseException:
+            writer.drain()  # no chunk write may land after the row is dropped
             self.abort_epoch()
             raise
 
@@ -484,7 +486,7 @@ class TrajectoryStore(ResultGroups):
         the metadata back to it, then their rows are dropped."""
         self._require_writable()
         try:
-            self._group.attrs.put({**self._group.attrs.asdict(), ATTR: snapshot})
+            self._put_meta(snapshot)
         except OSError as exc:
             raise StoreError(f"cannot write store {self.path}: {exc.strerror or exc}") from exc
         self._meta = snapshot
@@ -497,7 +499,8 @@ class TrajectoryStore(ResultGroups):
 
     # ------------------------------------------------------------------ reading
     def read_block(self, rows: np.ndarray, start: int, stop: int) -> np.ndarray:
-        """Columns ``start:stop`` of the given committed rows.
+        """Columns ``start:stop`` of the given committed rows (contiguous rows through the
+        zarrs codec pipeline when it is used, ``store/pipeline.py``; checked alike).
 
         Returns
         -------
@@ -506,7 +509,12 @@ class TrajectoryStore(ResultGroups):
         rows = np.asarray(rows, dtype=np.int64)
         t = rows.shape[0]
         if t and rows[-1] - rows[0] == t - 1 and np.all(np.diff(rows) == 1):
-            return np.asarray(self.weights[int(rows[0]) : int(rows[-1]) + 1, start:stop])
+
+            def checked(r: np.ndarray) -> np.ndarray:
+                return np.asarray(self.weights[int(r[0]) : int(r[-1]) + 1, start:stop])
+
+            fast = pipeline.reader_for(self)
+            return checked(rows) if fast is None else fast.read(rows, start, stop, checked)
         return np.asarray(self.weights.oindex[rows, start:stop])
 
     def read_columns(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 
 import zarr
 
@@ -102,7 +103,8 @@ def verify(path: str | os.PathLike[str], progress: Progress | None = None) -> Ve
     with st:
         report.format_version = st.format_version
         checked = st._group.store
-        assert isinstance(checked, CheckedLocalStore)
+        assert isinstance(checked, CheckedLocalStore) or hasattr(checked, "url")
+        checked = cast(CheckedLocalStore, checked)  # or store/objcheck's, with the same checks
         arrays: list[tuple[str, int | None]] = [
             (name, st.n_epochs if name != POOL_INDEX else None)
             for name in (WEIGHTS, POOL, EXTRAS, POOL_INDEX)
