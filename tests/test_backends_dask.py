@@ -163,7 +163,7 @@ def test_usage_errors_before_any_connection(store: Path, monkeypatch: pytest.Mon
     # memory:// store or an unknown scheme cannot, and is refused before any connection
     with pytest.raises(UsageError, match="memory:// store lives in this process only"):
         CMD(cluster="local").fit("memory://run.zarr")
-    with pytest.raises(UsageError, match="ftp://bucket/run.zarr: unsupported URL scheme"):
+    with pytest.raises(UsageError, match=r"ftp://bucket/run\.zarr: unsupported URL scheme"):
         reconstruct("ftp://bucket/run.zarr", "out", cluster="local")
     with pytest.raises(UsageError, match="not a usable scheduler address"):
         cmd(cluster="no-port").fit(store)
