@@ -36,14 +36,12 @@ from cmdtool.errors import (
     StoreNotFoundError,
     UsageError,
 )
-from cmdtool.store import integrity
 from cmdtool.store import trajectory as _trajectory
-from cmdtool.store.integrity import create_array, describe_rows
+from cmdtool.store.integrity import describe_rows
 from cmdtool.store.layout import (
     ATTR,
     CHUNK,
     EXTRAS,
-    FORMAT_VERSION,
     GENERATION_ATTR,
     POOL,
     POOL_INDEX,
@@ -53,13 +51,12 @@ from cmdtool.store.layout import (
     ExtraInfo,
     ParamInfo,
     check_result_name,
-    layout_attrs,
 )
 from cmdtool.store.lease import LEASE_NAME, ObjectLease
 from cmdtool.store.objcheck import zarr_store
 from cmdtool.store.objects import REMOTE, join, normalize, obstore_for, translate
 from cmdtool.store.results import ResultPin, new_generation
-from cmdtool.store.trajectory import TrajectoryStore
+from cmdtool.store.trajectory import TrajectoryStore, write_layout
 
 #: Root attribute: ``{name: {"folder": ..., "generation": ...}}``, the current version of
 #: each decomposition of a store on an object store.
@@ -225,7 +222,6 @@ class RemoteTrajectoryStore(TrajectoryStore):
         url = normalize(url)
         chunk = chunk or _trajectory.CHUNK or CHUNK  # (tests patch trajectory's)
         n = sum(pi.size for pi in params)
-        nbytes = sum(e.nbytes for e in extras)
         if n == 0:
             raise UsageError("no floating-point tensor to model: the store would be empty")
         objects = obstore_for(url)
@@ -237,27 +233,11 @@ class RemoteTrajectoryStore(TrajectoryStore):
                 raise StoreError(f"cannot create store {url}: a store exists there")
             _clear_half_made(objects, url)
             group = zarr.open_group(zarr_store(url, read_only=False), mode="a")
-            create_array(
-                group, WEIGHTS, shape=(0, n), chunks=(1, min(chunk, n)), dtype="float32"
-            )
-            if pool_index is not None and len(pool_index):
-                create_array(group, POOL_INDEX, data=np.asarray(pool_index, dtype=np.int64))
-                create_array(
-                    group, POOL, shape=(0, len(pool_index)), chunks=(1, len(pool_index)),
-                    dtype="float32",
-                )
-            if nbytes:
-                create_array(group, EXTRAS, shape=(0, nbytes), chunks=(1, nbytes), dtype="uint8")
-            meta = {
-                "format_version": FORMAT_VERSION if integrity.CHECKSUM else 1,
-                **layout_attrs(params, extras),
-                "filters": filters or {},
-                **({"aliases": dict(aliases)} if aliases else {}),
-                **({"order": list(order)} if order else {}),
-                "source_roots": [],
-                "epochs": [],
-            }
-            group.attrs.put({ATTR: meta})  # the store appears: one put of the root
+            # the arrays, then the store appears: one put of the root
+            write_layout(
+                group, params, extras, chunk=chunk, pool_index=pool_index,
+                filters=filters, aliases=aliases, order=order,
+            )  # fmt: skip
             etag = cls._head_etag(url)
             store = cls(url, zarr.open_group(zarr_store(url, read_only=False), mode="r+"),
                         True, lease)

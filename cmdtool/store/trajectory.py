@@ -113,7 +113,6 @@ class TrajectoryStore(ResultGroups):
         chunk = chunk or CHUNK
         p = Path(path)
         n = sum(pi.size for pi in params)
-        nbytes = sum(e.nbytes for e in extras)
         if n == 0:
             raise UsageError("no floating-point tensor to model: the store would be empty")
         try:
@@ -138,31 +137,10 @@ class TrajectoryStore(ResultGroups):
             tmp.mkdir()
             lock.acquire()
             group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="a")
-            create_array(
-                group, WEIGHTS, shape=(0, n), chunks=(1, min(chunk, n)), dtype="float32"
-            )
-            if pool_index is not None and len(pool_index):
-                create_array(group, POOL_INDEX, data=np.asarray(pool_index, dtype=np.int64))
-                create_array(
-                    group,
-                    POOL,
-                    shape=(0, len(pool_index)),
-                    chunks=(1, len(pool_index)),
-                    dtype="float32",
-                )
-            if nbytes:
-                create_array(group, EXTRAS, shape=(0, nbytes), chunks=(1, nbytes), dtype="uint8")
-            meta = {
-                # integrity.CHECKSUM off (a benchmark switch) writes a format-v1 store
-                "format_version": FORMAT_VERSION if integrity.CHECKSUM else 1,
-                **layout_attrs(params, extras),
-                "filters": filters or {},
-                **({"aliases": dict(aliases)} if aliases else {}),
-                **({"order": list(order)} if order else {}),
-                "source_roots": [],
-                "epochs": [],
-            }
-            group.attrs.put({ATTR: meta})
+            write_layout(
+                group, params, extras, chunk=chunk, pool_index=pool_index,
+                filters=filters, aliases=aliases, order=order,
+            )  # fmt: skip
             try:
                 os.rename(tmp, p)  # onto nothing, or onto an empty folder
             except OSError as exc:
@@ -574,3 +552,42 @@ def _label_summary(labels: Sequence[int]) -> str:
         return "epochs " + ", ".join(map(str, labels))
     return f"{len(labels)} epochs, {labels[0]}..{labels[-1]}"
 
+
+def write_layout(
+    group: zarr.Group,
+    params: Sequence[ParamInfo],
+    extras: Sequence[ExtraInfo],
+    *,
+    chunk: int,
+    pool_index: np.ndarray | None,
+    filters: dict[str, str | None] | None,
+    aliases: dict[str, str] | None,
+    order: Sequence[str] | None,
+) -> None:
+    """Create a new store's empty arrays in ``group``, then put its root attributes.
+
+    The root put comes last: on an object store it is the write that makes the store
+    exist (a local store is built in a hidden folder and renamed instead).
+    """
+    n = sum(pi.size for pi in params)
+    nbytes = sum(e.nbytes for e in extras)
+    create_array(group, WEIGHTS, shape=(0, n), chunks=(1, min(chunk, n)), dtype="float32")
+    if pool_index is not None and len(pool_index):
+        create_array(group, POOL_INDEX, data=np.asarray(pool_index, dtype=np.int64))
+        create_array(
+            group, POOL, shape=(0, len(pool_index)), chunks=(1, len(pool_index)),
+            dtype="float32",
+        )  # fmt: skip
+    if nbytes:
+        create_array(group, EXTRAS, shape=(0, nbytes), chunks=(1, nbytes), dtype="uint8")
+    meta = {
+        # integrity.CHECKSUM off (a benchmark switch) writes a format-v1 store
+        "format_version": FORMAT_VERSION if integrity.CHECKSUM else 1,
+        **layout_attrs(params, extras),
+        "filters": filters or {},
+        **({"aliases": dict(aliases)} if aliases else {}),
+        **({"order": list(order)} if order else {}),
+        "source_roots": [],
+        "epochs": [],
+    }
+    group.attrs.put({ATTR: meta})
