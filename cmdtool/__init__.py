@@ -54,8 +54,8 @@ if TYPE_CHECKING:
     from cmdtool.baselines import compare
     from cmdtool.decomposition import CMD
     from cmdtool.decomposition.update import update
-    from cmdtool.evaluation import evaluate
-    from cmdtool.ingestion import ingest
+    from cmdtool.evaluation.evaluate import evaluate
+    from cmdtool.ingestion.ingest import ingest
     from cmdtool.online import EmbeddedCMD, OnlineCMD
     from cmdtool.reconstruction import rebuild_state, reconstruct
     from cmdtool.store import TrajectoryStore
