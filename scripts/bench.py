@@ -365,6 +365,7 @@ def child_pass(store: str, device_name: str) -> dict[str, Any]:
     import torch
 
     from cmdtool.backends import fit_columns
+    from cmdtool.backends.local import cpu_cores
     from cmdtool.method.kernels import References
     from cmdtool.store import TrajectoryStore
 
@@ -399,13 +400,17 @@ def child_pass(store: str, device_name: str) -> dict[str, Any]:
         host.append(buf.numpy())
     pinned = on_cuda and bool(torch.from_numpy(host[0]).is_pinned())
     refs = References.from_trajectories(ref_traj, device)
-    fit_columns(host[0], refs, device)  # warm-up: CUDA context, cuBLAS handles, caches
+    # As LocalBackend runs the pass: on the CPU the kernel's own threads, torch at 1.
+    workers = 1 if on_cuda else cpu_cores()
+    if not on_cuda:
+        torch.set_num_threads(1)
+    fit_columns(host[0], refs, device, workers=workers)  # warm-up: CUDA context, caches
     sync()
     times = []
     for _ in range(CUDA_REPEATS if on_cuda else 1):
         t0 = time.perf_counter()
         for block in host:
-            fit_columns(block, refs, device)
+            fit_columns(block, refs, device, workers=workers)
         sync()
         times.append(time.perf_counter() - t0)
     return {
@@ -417,7 +422,7 @@ def child_pass(store: str, device_name: str) -> dict[str, Any]:
         "pinned": pinned,
         "device": torch.cuda.get_device_name(device)
         if on_cuda
-        else f"cpu, {torch.get_num_threads()} threads",
+        else f"cpu, {workers} kernel threads, torch at {torch.get_num_threads()}",
     }
 
 

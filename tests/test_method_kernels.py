@@ -98,3 +98,55 @@ def test_ties_go_to_the_lowest_mode():
     assert fit.labels.tolist() == [1, 0, 0, 0]
     assert fit.constant.tolist() == [False, False, False, True]
     assert np.allclose(fit.a[:3], [2, 1, -3], rtol=1e-6) and fit.b[3] == 7
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the oracle on the NaN/Inf columns
+def test_the_middle_epoch_shift_keeps_outliers_constants_and_nan_right():
+    # guards: the shift by the middle epoch's value (the product and squares see
+    # x - x[T//2]), the exact-extremes read of the constant rule from the untouched x, and
+    # the non-finite test of the float64 fit (a NaN or Inf at the shift row itself)
+    t, rng = 24, np.random.default_rng(11)
+    prof = np.cumsum(rng.normal(size=(3, t)), axis=1)
+    cols = [1e3 + 1e-3 * (prof[i % 3] + 0.05 * rng.normal(size=t)) for i in range(30)]
+    for i in range(10):  # the middle value is the outlier, on a large offset
+        c = 1e3 + 1e-3 * (prof[i % 3] + 0.05 * rng.normal(size=t))
+        c[t // 2] += 0.5
+        cols.append(c)
+    near = np.full(t, 3.0)
+    near[t // 2] = np.nextafter(np.float32(3.0), np.float32(4.0))  # constant by the rule
+    off = np.full(t, 3.0)
+    off[t // 2] = 3.0 * (1 + 1e-5)  # not constant
+    nan_mid, inf_end = np.full(t, 2.0), np.full(t, 2.0)
+    nan_mid[t // 2], inf_end[-1] = np.nan, np.inf
+    x = np.ascontiguousarray(np.stack([*cols, near, off, nan_mid, inf_end]).T.astype(np.float32))
+    r = prof.astype(np.float32)
+    before = x.copy()
+    xt = torch.from_numpy(x)
+    fit = fit_block(xt, References.from_trajectories(r, CPU), width=16, workers=2)
+    assert np.array_equal(xt.numpy(), before, equal_nan=True)  # x is left as it was
+    labels, a, b, const = _oracle(x, r)
+    ok = np.isfinite(x).all(axis=0)
+    assert np.array_equal(fit.constant, const)
+    assert const[-4:].tolist() == [True, False, False, False]
+    assert np.array_equal(fit.labels[ok], labels[ok])
+    spread = x.max(axis=0).astype(np.float64) - x.min(axis=0)
+    rspread = (r.max(axis=1) - r.min(axis=1)).astype(np.float64)[labels]
+    rmean = np.abs(r.astype(np.float64).mean(axis=1))[labels]
+    assert np.all(np.abs(fit.a - a)[ok] <= 1e-6 * (np.abs(a) + spread / rspread)[ok])
+    assert np.all(np.abs(fit.b - b)[ok] <= 1e-6 * (np.abs(x).max(axis=0) + np.abs(a) * rmean)[ok])
+    assert fit.a[-4] == 0 and fit.b[-4] == np.float32(b[-4]) and fit.a[-3] != 0
+    assert fit.labels[-2:].tolist() == [0, 0] and fit.a[-2:].tolist() == [0, 0]
+    assert np.isnan(fit.b[-2]) and np.isinf(fit.b[-1])
+    assert fit.count.sum() == x.shape[1] - 2  # the NaN and Inf columns are left out
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_windows_of_one_and_two_epochs(t):
+    # guards: the shift row T//2 at its edges (row 0 for T' = 1, row 1 for T' = 2)
+    x = np.array([[1.5, -2.0, 0.0, 7.25], [1.5, -3.0, 1.0, 7.25]], dtype=np.float32)[:t]
+    r = np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32)[:, :t]
+    fit = fit_block(torch.from_numpy(x.copy()), References.from_trajectories(r, CPU))
+    labels, a, b, const = _oracle(x, r)
+    assert fit.constant.tolist() == const.tolist() and fit.labels.tolist() == labels.tolist()
+    assert np.allclose(fit.a, a, rtol=1e-6, atol=0) and np.allclose(fit.b, b, rtol=1e-6, atol=0)
+    assert np.array_equal(fit.b[const], x[0, const])  # constants bit for bit

@@ -53,49 +53,69 @@ def is_flat(norm2: torch.Tensor, mean: torch.Tensor, t: int) -> torch.Tensor:
 class References:
     """The M reference trajectories over the window, prepared once per fit.
 
+    The product of the pass is taken with the *unit* centred references, so that its
+    absolute values are the scores of the assignment as they come (no scaling pass);
+    the fit rescales the chosen mode's product in float64 with the per-mode table.
+
     Attributes
     ----------
     lhs : Tensor, float32, shape (M + 1, T')
-        The centred references, and a row of ones (which gives column sums).
-    norm2 : Tensor, float64, shape (M,)   squared norms of the float32 centred rows
+        ``u_c = (r_c - mean_c) / ||r_c - mean_c||`` (centred in float64, rounded to
+        float32; a row of zeros for a constant reference), and a row of ones (which gives
+        column sums).
+    table : Tensor, float64, shape (5, M)
+        Per mode, gathered once per piece for the fit: ``Σ u_c`` (the float32 rows'
+        drift, ~0); ``k_c = 1 / <r_c - mean_c, u_c>`` (``a`` per unit of
+        ``<x - mean, u_c>``; 0 for a constant reference); ``||r_c - mean_c||² k_c``
+        (``<v, r_c - mean_c>`` per unit of ``<v, u_c>``, ~``||r_c - mean_c||``);
+        ``mean_c``; ``mean_c - first_c``.
+    norm2 : Tensor, float64, shape (M,)   squared centred norms (float64)
     mean : Tensor, float64, shape (M,)
-    drift : Tensor, float64, shape (M,)   sums of the float32 centred rows (~0)
-    flat : Tensor, bool, shape (M,)       constant references
-    inv_norm : Tensor, float32, shape (M,)  1 / norm, 0 for constant references
+    flat : Tensor, bool, shape (M,)       constant references (:func:`is_flat`)
     first : Tensor, float64, shape (M,)   values at the window's first epoch (the shift
         of the running sums, :mod:`cmdtool.method.running`)
     mode_ids : Tensor, float32, shape (M, 1)  0 .. M-1, the assignment's tie-break column
+    none : Tensor, float32, shape (M, 1)      M everywhere (the step of a mode not at the best)
     """
 
     lhs: torch.Tensor
+    table: torch.Tensor
     norm2: torch.Tensor
     mean: torch.Tensor
-    drift: torch.Tensor
     flat: torch.Tensor
-    inv_norm: torch.Tensor
     first: torch.Tensor
     mode_ids: torch.Tensor
+    none: torch.Tensor
 
     @classmethod
     def from_trajectories(cls, ref_traj: np.ndarray, device: torch.device) -> References:
         """``ref_traj``: (M, T') reference trajectories."""
         r = torch.as_tensor(np.asarray(ref_traj, dtype=np.float64), device=device)
+        m, t = r.shape
         mean = r.mean(dim=1)
-        centred = (r - mean[:, None]).to(torch.float32)
-        c64 = centred.to(torch.float64)
+        c64 = r - mean[:, None]
         norm2 = (c64 * c64).sum(dim=1)
-        ones = torch.ones(1, r.shape[1], dtype=torch.float32, device=device)
-        flat = is_flat(((r - mean[:, None]) ** 2).sum(dim=1), mean, r.shape[1])
-        inv = torch.where(flat | (norm2 <= 0), 0.0, 1.0 / torch.sqrt(norm2))
+        flat = is_flat(norm2, mean, t)
+        norm = torch.sqrt(norm2)
+        unit = torch.where(flat[:, None], 0.0, c64 / torch.where(flat, 1.0, norm)[:, None])
+        u32 = unit.to(torch.float32)
+        u64 = u32.to(torch.float64)
+        # a = <x - mean, u_c> / <r_c - mean_c, u_c>: exact for x in the span of r_c,
+        # whatever the rounding of u_c
+        cu = (c64 * u64).sum(dim=1)
+        coef = torch.where(flat, 0.0, 1.0 / torch.where(flat, 1.0, cu))
+        first = r[:, 0].clone()
+        ones = torch.ones(1, t, dtype=torch.float32, device=device)
+        ids = torch.arange(m, dtype=torch.float32, device=device)[:, None]
         return cls(
-            lhs=torch.cat([centred, ones]),
+            lhs=torch.cat([u32, ones]),
+            table=torch.stack([u64.sum(dim=1), coef, norm2 * coef, mean, mean - first]),
             norm2=norm2,
             mean=mean,
-            drift=c64.sum(dim=1),
             flat=flat,
-            inv_norm=inv.to(torch.float32),
-            first=r[:, 0].clone(),
-            mode_ids=torch.arange(r.shape[0], dtype=torch.float32, device=device)[:, None],
+            first=first,
+            mode_ids=ids,
+            none=torch.full_like(ids, float(m)),
         )
 
     @property
@@ -134,13 +154,23 @@ class BlockFit:
     sum_wr: np.ndarray
 
 
-#: Columns per sub-block of the float32 passes on the CPU: a (T' x SUB_COLUMNS) float32
-#: slice stays in the cache between the passes over it (mean, shift, product, squares,
-#: assignment), so that the block is read from memory once.
-SUB_COLUMNS = 8192
-#: Sub-blocks per group of the float64 fit on the CPU: its per-column float64 vectors
-#: (GROUP_SUBS * SUB_COLUMNS * 8 bytes each) stay in the L2 cache.
+#: Bytes per sub-block of the float32 passes on the CPU (shift, product, squares,
+#: assignment): the default sub-block is the largest power of two of columns, between
+#: 256 and 8192, whose (T' x width) float32 slice fits in it (T' = 50: 8192 columns,
+#: T' = 150: 2048). Wider, torch's per-operation overhead shrinks against the work;
+#: narrower, the slice stays nearer the core (measured: at T' = 150, 2048 columns ran
+#: 1.3x faster than 8192, at T' = 50, 4096 no faster than 8192).
+SUB_BYTES = 2 << 20
+#: Columns per group of the float64 fit on the CPU with the default sub-blocks.
+GROUP_COLUMNS = 32768
+#: Sub-blocks per group when ``width`` is given.
 GROUP_SUBS = 4
+
+
+def sub_columns(t: int) -> int:
+    """The default sub-block width on the CPU for a window of ``t`` epochs."""
+    fit = max(1, SUB_BYTES // (4 * max(t, 1)))
+    return 1 << max(8, min(13, fit.bit_length() - 1))
 
 
 def fit_block(
@@ -148,14 +178,17 @@ def fit_block(
 ) -> BlockFit:
     """Assign each column of ``x`` to its most correlated reference and fit a, b.
 
-    The block is shifted by its float32 column means, so the float32 passes see only
-    deviations (exact for near-constant trajectories, by Sterbenz' lemma); the per-column
-    statistics are then combined in float64, with ``y = x - m``:
-    ``mean = m + S1/T``, ``||x - mean||^2 = S2 - S1^2/T``,
-    ``<x - mean, r_c> = <y, r_c> - (S1/T) sum(r_c)``.
+    Each column is shifted by its own value at the window's middle epoch (one row, not
+    a pass over the block: the column-mean shift cost 1.05x the time at T' = 50 and
+    1.5x at T' = 150), so the float32 passes see only deviations (exact for
+    near-constant trajectories, by Sterbenz' lemma: every value of such a column is
+    within a factor 2 of the shift). The per-column statistics are then combined in
+    float64, with ``y = x - x[T'//2]``, ``S1 = Σ y``, ``S2 = Σ y²``:
+    ``mean = shift + S1/T``, ``||x - mean||^2 = S2 - S1^2/T``,
+    ``<x - mean, u_c> = <y, u_c> - (S1/T) Σ u_c``.
 
-    The work runs over cache-sized pieces (:data:`SUB_COLUMNS` columns for the float32
-    passes, :data:`GROUP_SUBS` of them for the float64 fit; the whole block on a GPU) on
+    The work runs over pieces (:func:`sub_columns` columns for the float32 passes,
+    :data:`GROUP_COLUMNS` for the float64 fit; the whole block on a GPU) on
     ``workers`` threads, each torch operation on one thread (call it with
     ``torch.set_num_threads(1)`` when ``workers > 1``). The pieces do not depend on
     ``workers``, and the per-mode totals are added piece by piece in column order, so
@@ -164,10 +197,13 @@ def fit_block(
     Parameters
     ----------
     x : Tensor, float32, shape (T', n), C-contiguous, on the references' device
-        Trajectories of n parameters over the window. Overwritten (used as scratch).
+        Trajectories of n parameters over the window. Left unchanged (the shifted
+        sub-blocks live in per-worker scratch buffers).
     refs : References
     width : int, optional
-        Columns per float32 sub-block; default :data:`SUB_COLUMNS` on the CPU, n on a GPU.
+        Columns per float32 sub-block, :data:`GROUP_SUBS` of them per float64 group;
+        default on the CPU :func:`sub_columns` in groups of :data:`GROUP_COLUMNS`, on a
+        GPU the whole block.
     workers : int
         Threads sharing the pieces.
 
@@ -184,24 +220,27 @@ def fit_block(
     """
     t, n = x.shape
     m = refs.n_modes
+    cpu = x.device.type == "cpu"
     if width is None:
-        width = n if x.device.type != "cpu" else SUB_COLUMNS
-    width = max(1, min(width, n))
-    group = width * (GROUP_SUBS if x.device.type == "cpu" else 1)
+        width = min(sub_columns(t), n) if cpu else n
+        group = max(width, GROUP_COLUMNS // width * width) if cpu else n
+    else:
+        width = max(1, min(width, n))
+        group = width * (GROUP_SUBS if cpu else 1)
     out = _Output.empty(n, m, x.device)
     starts = list(range(0, n, group))
     if workers > 1 and len(starts) > 1:
         share = -(-len(starts) // workers)
 
         def run(first: int) -> None:
-            scratch = _Scratch(t, m, width, group, x.device)
+            scratch = _Scratch(t, m, width, min(group, n), x.device)
             for g0 in starts[first : first + share]:
                 _fit_group(x, g0, min(g0 + group, n), width, refs, out, scratch)
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmdtool-fit") as pool:
             list(pool.map(run, range(0, len(starts), share)))
     else:
-        scratch = _Scratch(t, m, width, group, x.device)
+        scratch = _Scratch(t, m, width, min(group, n), x.device)
         for g0 in starts:
             _fit_group(x, g0, min(g0 + group, n), width, refs, out, scratch)
     return out.result(starts, m)
@@ -255,18 +294,32 @@ class _Output:
 
 
 class _Scratch:
-    """One worker's reused buffers for the float32 passes over sub-blocks of ``width``
-    columns (fresh allocations of this size cost page faults on every operation)."""
+    """One worker's reused buffers: the float32 results of a group's sub-blocks, and
+    the assignment's temporaries per sub-block of ``width`` columns (fresh allocations
+    of this size cost page faults on every operation)."""
 
     def __init__(self, t: int, m: int, width: int, group: int, device: torch.device) -> None:
         f32 = torch.float32
-        self.sq = torch.empty(t, width, dtype=f32, device=device)
-        self.p = torch.empty(group // width + 1, m + 1, width, dtype=f32, device=device)
+        self.p = torch.empty(m + 1, group, dtype=f32, device=device)  # <y, u_c>, then S1
+        self.s2 = torch.empty(group, dtype=f32, device=device)
+        self.shift = torch.empty(group, dtype=f32, device=device)
+        self.lab = torch.empty(group, dtype=f32, device=device)
+        # the shifted sub-block, off x so that x is never written back to memory (rows
+        # padded off a power-of-two stride)
+        self.y = torch.empty(t, width + 16, dtype=f32, device=device)
         self.score = torch.empty(m, width, dtype=f32, device=device)
         self.pick = torch.empty(m, width, dtype=f32, device=device)
-        self.eq = torch.empty(m, width, dtype=torch.bool, device=device)
         self.best = torch.empty(width, dtype=f32, device=device)
-        self.none = torch.full((m, 1), float(m), dtype=f32, device=device)
+        # the float64 fit's per-column vectors (a fresh tensor of this size would be
+        # fresh memory, page faults on its first write, on every operation)
+        v = torch.empty(16, group, dtype=torch.float64, device=device)
+        (self.sh, self.sq2, self.s1, self.q, self.mean, self.norm2, self.t1, self.t2,
+         self.dot, self.d, self.a, *self.per_mode) = v.unbind(0)
+        self.dot32 = torch.empty(1, group, dtype=f32, device=device)
+        self.labels = torch.empty(group, dtype=torch.int64, device=device)
+        self.nf = torch.empty(group, dtype=torch.bool, device=device)
+        self.flat = torch.empty(group, dtype=torch.bool, device=device)
+        self.mask = torch.empty(group, dtype=torch.bool, device=device)
 
 
 def _fit_group(
@@ -277,83 +330,86 @@ def _fit_group(
     columns, then the float64 fit of the group, into ``out``."""
     m, t = refs.n_modes, x.shape[0]
     w = g1 - g0
-    shift = torch.empty(w, dtype=torch.float32, device=x.device)
-    s2 = torch.empty(w, dtype=torch.float32, device=x.device)
-    d_best = torch.empty(w, dtype=torch.float32, device=x.device)
-    lab = torch.empty(w, dtype=torch.float32, device=x.device)
-    k = 0
+    p, s2, shift, lab = scratch.p[:, :w], scratch.s2[:w], scratch.shift[:w], scratch.lab[:w]
+    pivot = t // 2
     for s in range(0, w, width):
         e = min(s + width, w)
         c = e - s
-        y = x[:, g0 + s : g0 + e]
-        torch.mean(y, dim=0, out=shift[s:e])
-        y.sub_(shift[s:e])
-        p = scratch.p[k, :, :c]
-        torch.mm(refs.lhs, y, out=p)  # (M + 1, c): <y, r_c> per mode, then S1
-        sq = scratch.sq[:, :c]
-        torch.sum(torch.mul(y, y, out=sq), dim=0, out=s2[s:e])
-        score = torch.abs(p[:m], out=scratch.score[:, :c]).mul_(refs.inv_norm[:, None])
+        xs = x[:, g0 + s : g0 + e]
+        y = torch.sub(xs, shift[s:e].copy_(xs[pivot]), out=scratch.y[:, :c])
+        ps = torch.mm(refs.lhs, y, out=p[:, s:e])  # (M + 1, c): <y, u_c> per mode, then S1
+        torch.sum(y.mul_(y), dim=0, out=s2[s:e])  # y is not needed after the product
+        score = torch.abs(ps[:m], out=scratch.score[:, :c])  # |corr| times ||x - mean||
         best = torch.amax(score, dim=0, out=scratch.best[:c])
-        # the lowest mode reaching the best score (all-zero scores: mode 0; NaN: none)
-        eq = torch.eq(score, best, out=scratch.eq[:, :c])
-        pick = torch.where(eq, refs.mode_ids, scratch.none, out=scratch.pick[:, :c])
-        ls = torch.amin(pick, dim=0, out=lab[s:e]).clamp_(max=m - 1).long()
-        torch.gather(p, 0, ls[None, :], out=d_best[None, s:e])
-        k += 1
-    pk = scratch.p[:k]
-    if k * width == w:
-        s1, d_first = pk[:, m].reshape(w), pk[:, 0].reshape(w)
-    else:
-        s1 = torch.cat([pk[i, m, : min(width, w - i * width)] for i in range(k)])
-        d_first = torch.cat([pk[i, 0, : min(width, w - i * width)] for i in range(k)])
-    const = torch.zeros(w, dtype=torch.bool, device=x.device)
-    hi = torch.zeros(w, dtype=torch.float32, device=x.device)
-    lo = torch.zeros(w, dtype=torch.float32, device=x.device)
-    shift64 = shift.to(torch.float64)
-    s2_64 = s2.to(torch.float64)
-    # a constant column has every |y| <= (max - min) + rounding <= 2 CONST_RTOL |shift|;
-    # only such columns (usually few) get their exact extremes: y is exact there by
-    # Sterbenz' lemma (each value within a few ulps of the shift), so y + shift is x
-    bound = (2.0 * CONST_RTOL) * shift64.abs()
-    idx = (s2_64 <= (4.0 * t) * bound * bound).nonzero()[:, 0]
+        # the lowest mode reaching the best score (all-zero scores: mode 0), in float
+        # arithmetic (bool masks cost several times more): best - score is 0 exactly where
+        # the score is the best, > 0 elsewhere, so mode + M sign(best - score) is the
+        # mode there and >= M elsewhere. A NaN score (a column holding NaN or Inf) gives
+        # NaN: such a column is not finite and gets label 0 below.
+        gap = torch.sub(best, score, out=scratch.pick[:, :c]).sign_()
+        torch.amin(torch.addcmul(refs.mode_ids, gap, refs.none, out=gap), dim=0, out=lab[s:e])
+    sc = scratch
+    sh, sq2, s1 = sc.sh[:w].copy_(shift), sc.sq2[:w].copy_(s2), sc.s1[:w].copy_(p[m])
+    q = torch.div(s1, t, out=sc.q[:w])
+    mean = torch.add(sh, q, out=sc.mean[:w])
+    norm2 = torch.addcmul(sq2, s1, q, value=-1.0, out=sc.norm2[:w]).clamp_(min=0.0)
+    # not finite: a column holding NaN or Inf (its S2 is then NaN or Inf); v - v is 0
+    # exactly for a finite v, NaN otherwise
+    tmp = torch.add(norm2, mean, out=sc.t1[:w])
+    nf = torch.ne(tmp.sub_(tmp), 0.0, out=sc.nf[:w])
+    # the rule of is_flat, with the non-finite columns known: spread at rounding level
+    limit = torch.abs(mean, out=sc.t2[:w]).clamp_(min=1e-30).mul_(FLAT_RTOL * t**0.5)
+    flat = torch.le(torch.sqrt(norm2, out=sc.t1[:w]), limit, out=sc.flat[:w]).logical_or_(nf)
+    # a constant column has every |y| <= max - min <= CONST_RTOL max(|max|, |min|)
+    # < 2 CONST_RTOL |shift|, so S2 <= T (2 CONST_RTOL shift)^2: only the columns within
+    # 4 times that (usually few) get their exact extremes read from x
+    room = torch.addcmul(sq2, sh, sh, value=-16.0 * t * CONST_RTOL**2, out=sc.t1[:w])
+    idx = torch.le(room, 0.0, out=sc.mask[:w]).nonzero()[:, 0]
+    const = None
+    frozen = nf
     if idx.numel():
         part = x[:, g0:g1].index_select(1, idx)
-        hi[idx] = part.amax(dim=0) + shift[idx]
-        lo[idx] = part.amin(dim=0) + shift[idx]
-        const[idx] = constant_columns(hi[idx], lo[idx])
-    s1_64 = s1.to(torch.float64)
-    mean = shift64 + s1_64 / t
-    norm2 = torch.clamp(s2_64 - s1_64 * s1_64 / t, min=0.0)
-    finite = torch.isfinite(norm2) & torch.isfinite(mean)
-    flat_x = is_flat(norm2, mean, t) | const
-    labels = torch.where(flat_x, 0, lab.long())
-    dot = torch.where(flat_x, d_first, d_best).to(torch.float64)  # <y, r_label>
-    d = dot - s1_64 / t * refs.drift.index_select(0, labels)
-    rn2 = refs.norm2.index_select(0, labels)
-    frozen = refs.flat.index_select(0, labels) | ~finite | const
-    a = torch.where(frozen, 0.0, d / torch.where(rn2 > 0, rn2, 1.0))
-    b = mean - a * refs.mean.index_select(0, labels)
-    # an exactly constant column is rebuilt bit for bit: b is its value, not a rounded mean
-    if idx.numel():
-        b = torch.where(const & (hi == lo), hi.to(torch.float64), b)
-    resid = torch.where(finite, torch.clamp(norm2 - a * d, min=0.0), 0.0)
-    sq = torch.where(finite, norm2 + t * mean * mean, 0.0)
-    grp = torch.where(const, m, labels)  # slot M of the totals: the constant columns
+        hi, lo = part.amax(dim=0), part.amin(dim=0)
+        is_const = constant_columns(hi, lo)
+        const = torch.zeros(w, dtype=torch.bool, device=x.device)
+        const[idx] = is_const
+        flat.logical_or_(const)
+        frozen = torch.logical_or(nf, const, out=sc.mask[:w])
+    labels = sc.labels[:w].copy_(lab.masked_fill_(flat, 0.0))  # constant, NaN, Inf: 0
+    drift, coef, norm, rmean, gap = (
+        torch.index_select(v, 0, labels, out=buf[:w])
+        for v, buf in zip(refs.table, sc.per_mode, strict=True)
+    )
+    dot32 = torch.gather(p, 0, labels[None], out=sc.dot32[:, :w])
+    dot = sc.dot[:w].copy_(dot32[0])  # <y, u_label>
+    d = torch.addcmul(dot, q, drift, value=-1.0, out=sc.d[:w])  # <x - mean, u_label>
+    a = torch.mul(d, coef, out=sc.a[:w]).masked_fill_(frozen, 0.0)
+    torch.addcmul(mean, a, rmean, value=-1.0, out=out.b[g0:g1])  # b, rounded to float32
+    if const is not None:
+        # an exactly constant column is rebuilt bit for bit: b is its value
+        exact = is_const & (hi == lo)
+        out.b[g0 + idx[exact]] = hi[exact]
+    # squared residual: ||x - mean||^2 - a <x - mean, r_label - mean_label>
+    resid = torch.addcmul(norm2, a, d.mul_(norm), value=-1.0, out=sc.t1[:w]).clamp_(min=0.0)
+    dot.mul_(norm)  # <y, r_label - mean_label>
     # running sums from the shifted statistics: x = y + shift, and
-    # Σ y (r - first) = <y, r_c> + (mean_r - first) S1
-    gap = (refs.mean - refs.first).index_select(0, labels)
-    zeros = torch.zeros(m + 1, dtype=torch.float64, device=x.device)
+    # Σ y (r - first) = <y, r - mean_r> + (mean_r - first) S1
+    sum_w = torch.add(s1, sh, alpha=t, out=out.sum_w[g0:g1])
+    half = torch.add(s1, sh, alpha=0.5 * t, out=sc.t2[:w])
+    sum_w2 = torch.addcmul(sq2, sh, half, value=2.0, out=out.sum_w2[g0:g1])
+    torch.addcmul(dot, gap, sum_w, out=out.sum_wr[g0:g1])
     out.labels[g0:g1] = labels
     out.a[g0:g1] = a
-    out.b[g0:g1] = b
-    out.constant[g0:g1] = const
-    torch.mul(shift64, t, out=out.sum_w[g0:g1]).add_(s1_64)
-    out.sum_w2[g0:g1] = s2_64 + shift64 * (2.0 * s1_64 + t * shift64)
-    out.sum_wr[g0:g1] = dot + gap * (s1_64 + t * shift64)
+    grp = labels.masked_fill_(nf, m + 1)  # slot M + 1 of the totals: left out
+    if const is None:
+        out.constant[g0:g1] = False
+    else:
+        out.constant[g0:g1] = const
+        grp.masked_fill_(const, m)  # slot M: the constant columns
     out.totals[g0] = (
-        zeros.index_add(0, grp, resid),
-        zeros.index_add(0, grp, sq),
-        torch.bincount(grp[finite], minlength=m + 1),
+        torch.bincount(grp, resid, minlength=m + 2)[: m + 1],
+        torch.bincount(grp, sum_w2, minlength=m + 2)[: m + 1],  # Σ x² = norm2 + T mean²
+        torch.bincount(grp, minlength=m + 2)[: m + 1],
     )
 
 
