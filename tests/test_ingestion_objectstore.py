@@ -19,7 +19,7 @@ import zarr
 from cmdtool.ingestion import ingest
 from tests.conftest import LAYOUT, planted, state_dicts, write_run
 from tests.s3server import SECRET_KEY
-from tests.trainer_layouts import write_hf_run
+from tests.trainer_layouts import write_dcp_run, write_hf_run
 
 pytest.importorskip("obstore")
 boto3 = pytest.importorskip("boto3")
@@ -72,16 +72,43 @@ def sds() -> list[dict[str, torch.Tensor]]:
     return state_dicts(w)
 
 
+def write_sharded_bin_run(root: Path, sds: list[dict[str, torch.Tensor]], n: int) -> None:
+    """HF Trainer ``checkpoint-<step>/`` folders of ``n`` ``pytorch_model-*-of-*.bin``
+    shards each (``torch.save``) and their ``pytorch_model.bin.index.json``."""
+    for e, sd in enumerate(sds, start=1):
+        folder = root / f"checkpoint-{e * 5}"
+        folder.mkdir(parents=True)
+        names = list(sd)
+        weight_map = {}
+        for i in range(n):
+            part = names[i * len(names) // n : (i + 1) * len(names) // n]
+            shard = f"pytorch_model-{i + 1:05d}-of-{n:05d}.bin"
+            torch.save({k: sd[k].contiguous() for k in part}, folder / shard)
+            weight_map.update(dict.fromkeys(part, shard))
+        (folder / "pytorch_model.bin.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
+
+
 @pytest.mark.parametrize(
-    "kind", ["safetensors", "pt", "ckpt", "hf", "hf-sharded", "hf-bin"]
+    "kind", ["safetensors", "pt", "ckpt", "hf", "hf-sharded", "hf-bin", "bin-sharded", "dcp"]
 )
-def test_ingest_from_s3_equals_local(kind, sds, s3_bucket, s3_server, tmp_path):
+def test_ingest_from_s3_equals_local(kind, sds, s3_bucket, s3_server, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"  # skeleton and temporary copies: all removed after
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     run = tmp_path / "run"
     sds = sds if kind == "safetensors" else sds[:2]  # fewer uploads where a run has many files
     if kind == "safetensors":
         write_run(run, sds)
     elif kind in ("pt", "ckpt"):
         write_run(run, sds, name=lambda e: f"epoch_{e}.{kind}")
+    elif kind == "bin-sharded":
+        write_sharded_bin_run(run, sds, 3)
+    elif kind == "dcp":
+        write_dcp_run(run, sds)
     else:
         names = sorted(sds[0])
         shards = [names[:3], names[3:]] if kind == "hf-sharded" else None
@@ -95,6 +122,45 @@ def test_ingest_from_s3_equals_local(kind, sds, s3_bucket, s3_server, tmp_path):
     assert_same_store(remote, local)
     attrs = dict(zarr.open_group(remote, mode="r").attrs["cmdtool"])
     assert attrs["source_roots"] == [f"s3://{s3_bucket}/runs/a"]
+    assert list(scratch.iterdir()) == []
+
+
+def test_sharded_bin_is_copied_one_shard_at_a_time(sds, s3_bucket, s3_server, tmp_path,
+                                                   monkeypatch):
+    """A 3-shard pytorch_model-*.bin checkpoint from s3://: while it is opened and every
+    tensor read, at most one shard's copy is on local disk, each shard is copied, the
+    tensors are the ones written, and nothing is left after."""
+    import tempfile
+
+    from cmdtool.checkpoints.discover import find_checkpoints
+    from cmdtool.checkpoints.reader import open_checkpoint
+    from cmdtool.checkpoints.remote import mirror
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    write_sharded_bin_run(tmp_path / "run", sds[:1], 3)
+    upload(tmp_path / "run", s3_bucket, "bins", s3_server.endpoint)
+
+    def copies() -> list[str]:
+        return sorted(f.name for d in scratch.glob("cmdtool-copy-*") for f in d.iterdir())
+
+    seen = []
+    got = {}
+    with mirror(f"s3://{s3_bucket}/bins") as tree:
+        (entry,) = find_checkpoints(tree.root).entries
+        with open_checkpoint(entry) as ckpt:
+            seen.append(copies())
+            for name in ckpt:
+                got[name] = ckpt[name].clone()
+                seen.append(copies())
+        seen.append(copies())
+    assert max(len(s) for s in seen) == 1, seen
+    assert {s[0] for s in seen if s} == {f"pytorch_model-0000{i}-of-00003.bin" for i in (1, 2, 3)}
+    assert seen[-1] == [] and list(scratch.iterdir()) == []
+    assert sorted(got) == sorted(sds[0])
+    for name, tensor in sds[0].items():
+        assert torch.equal(got[name], tensor), name
 
 
 class Counting:

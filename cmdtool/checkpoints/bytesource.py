@@ -4,13 +4,18 @@ Object-store SOURCEs are discovered through a local *skeleton* of their listing
 (:mod:`cmdtool.checkpoints.remote`): every weight file is a sparse placeholder of the
 object's size and last-modified time, so :mod:`~cmdtool.checkpoints.discover` applies
 its folder rules unchanged. The readers ask :func:`remote_of` whether a path is such a
-placeholder and read the object's bytes by range instead (:func:`read_at`).
+placeholder and read the object's bytes by range instead (:func:`read_at`), or copy it
+to a local temporary file (:func:`download`) or folder (:func:`copy_folder`) where the
+format needs a local file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +31,8 @@ _trees: dict[Path, ObjectURL] = {}
 _heads: dict[Path, bytes] = {}
 #: How many first blocks :data:`_heads` keeps (each at most 1 MiB).
 HEADS_KEPT = 8
+#: Bytes one window of concurrent ranged GETs fetches (parts of ops.PART_BYTES in flight).
+WINDOW_BYTES = 64 << 20
 _lock = threading.Lock()
 
 
@@ -109,6 +116,43 @@ def cached(path: Path, start: int, end: int) -> bytes | None:
     if head is None or end > len(head):
         return None
     return head[start:end]
+
+
+def download(remote: RemoteFile, dest: Path) -> None:
+    """Copy the object to the local file ``dest`` by concurrent ranged GETs, a window of
+    :data:`WINDOW_BYTES` at a time (never more than one window in memory)."""
+    with dest.open("wb") as fh:
+        for lo in range(0, remote.size, WINDOW_BYTES):
+            hi = min(remote.size, lo + WINDOW_BYTES)
+            step = ops.PART_BYTES
+            starts = list(range(lo, hi, step))
+            for buf in ops.get_ranges(remote.url, starts, [min(hi, s + step) for s in starts]):
+                fh.write(buf)
+
+
+def copy_folder(folder: Path, keep: Callable[[str], bool]) -> Path | None:
+    """A temporary local copy of the files of ``folder`` whose names pass ``keep``, when
+    ``folder`` is a skeleton folder of an object-store SOURCE; None for a local folder.
+
+    The copy is a new folder ``cmdtool-copy-*`` in the temporary directory; the caller
+    removes it (``shutil.rmtree``). On any failure it is removed before the error
+    propagates.
+    """
+    files = sorted(f for f in folder.iterdir() if f.is_file() and keep(f.name))
+    remotes = [(f, remote_of(f)) for f in files]
+    if not any(r is not None for _, r in remotes):
+        return None
+    copy = Path(tempfile.mkdtemp(prefix="cmdtool-copy-"))
+    try:
+        for f, r in remotes:
+            if r is None:  # pragma: no cover - a skeleton folder holds only placeholders
+                shutil.copyfile(f, copy / f.name)
+            else:
+                download(r, copy / f.name)
+    except BaseException:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise
+    return copy
 
 
 def size_of(path: Path) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import IO, Any, BinaryIO, cast
 
 import torch
 
+from cmdtool.checkpoints.bytesource import copy_folder
 from cmdtool.errors import CheckpointError, UnsafeCheckpointError
 
 METADATA = ".metadata"
@@ -437,7 +439,23 @@ class DCPReader:
 
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder)
-        metadata_file = self.path / METADATA
+        # an object-store SOURCE's folder is read from a temporary local copy (removed
+        # on close, or at once on failure); messages name the folder, not the copy
+        self._copy = copy_folder(self.path, lambda n: n == METADATA or n.endswith(".distcp"))
+        try:
+            self._open()
+        except BaseException as exc:
+            self.close()
+            if self._copy is not None and isinstance(exc, CheckpointError) and exc.args:
+                exc.args = (str(exc.args[0]).replace(str(self._copy), str(self.path)),)
+            raise
+
+    def _file(self, name: str) -> Path:
+        """Where the bytes of the folder's file ``name`` are read from."""
+        return (self._copy or self.path) / name
+
+    def _open(self) -> None:
+        metadata_file = self._file(METADATA)
         if not metadata_file.is_file():
             raise CheckpointError(f"{self.path} is not a DCP checkpoint: no {METADATA} file")
         meta = _load_metadata(metadata_file)
@@ -457,7 +475,7 @@ class DCPReader:
             for c in meta.chunks:
                 if c.file not in sizes:
                     try:
-                        sizes[c.file] = (self.path / c.file).stat().st_size
+                        sizes[c.file] = self._file(c.file).stat().st_size
                     except FileNotFoundError:
                         raise CheckpointError(
                             f"DCP checkpoint {self.path}: {c.file}, which {METADATA} names "
@@ -490,7 +508,7 @@ class DCPReader:
         file = self.path / chunk.file
         where = f"{name!r} in {file} (bytes {chunk.start}..{chunk.start + chunk.length})"
         try:
-            with file.open("rb") as fh:
+            with self._file(chunk.file).open("rb") as fh:
                 window = _Window(fh, chunk.start, chunk.length)
                 problem = _verify_archive(window)
                 if problem:
@@ -532,6 +550,9 @@ class DCPReader:
 
     def close(self) -> None:
         self._tensors = None
+        copy = getattr(self, "_copy", None)
+        if copy is not None:
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def save_dcp(state: dict[str, torch.Tensor], folder: Path) -> None:

@@ -11,9 +11,13 @@ Then each file is read when its checkpoint is opened:
   local reader's own validation, then the tensors' byte ranges, in windows of up to
   :data:`WINDOW_BYTES` fetched concurrently (:func:`cmdtool.objectstore.ops.get_ranges`);
 * torch zip / pickle files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``) are copied to a local
-  temporary file, one checkpoint at a time, read by the local reader (``torch.load`` with
+  temporary file, one file at a time (the shards of a ``pytorch_model-*.bin`` checkpoint
+  take turns: :class:`RemoteTorchReader`), read by the local reader (``torch.load`` with
   ``weights_only=True``), and the copy is removed on close, or at once on failure;
-* ``torch.distributed.checkpoint`` folders are not read from object storage yet.
+* ``torch.distributed.checkpoint`` folders are copied to a local temporary folder, one
+  checkpoint folder at a time (``.metadata`` and the ``*.distcp`` files), read by the
+  local :class:`~cmdtool.checkpoints.dcp.DCPReader`, and removed on close, or at once on
+  failure (:func:`refuse_remote_dcp` checks first that the copy fits).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -28,8 +33,10 @@ from types import TracebackType
 import torch
 
 from cmdtool.checkpoints.bytesource import (
+    WINDOW_BYTES,
     RemoteFile,
     cached,
+    download,
     register,
     remote_of,
     unregister,
@@ -41,8 +48,6 @@ from cmdtool.errors import CheckpointError, CmdtoolError, SourceNotFoundError, U
 from cmdtool.objectstore import ops
 from cmdtool.objectstore.url import ObjectURL, parse
 
-#: Tensor bytes one window of ranged GETs fetches (parts of ops.PART_BYTES in flight).
-WINDOW_BYTES = 64 << 20
 #: JSON files up to this size are fetched into the skeleton (shard indexes, trainer state).
 JSON_BYTES = 16 << 20
 
@@ -212,22 +217,25 @@ class RemoteSafetensorsReader:
         self._ready.clear()
 
 
-def _download(remote: RemoteFile, dest: Path) -> None:
-    """Copy the object to ``dest`` by concurrent ranged GETs, a window at a time."""
-    with dest.open("wb") as fh:
-        for lo in range(0, remote.size, WINDOW_BYTES):
-            hi = min(remote.size, lo + WINDOW_BYTES)
-            step = ops.PART_BYTES
-            starts = list(range(lo, hi, step))
-            for buf in ops.get_ranges(remote.url, starts, [min(hi, s + step) for s in starts]):
-                fh.write(buf)
+#: The local copy each checkpoint folder holds: at most one torch file at a time.
+_resident: dict[Path, RemoteTorchReader] = {}
+_resident_lock = threading.Lock()
 
 
-class RemoteTorchReader(TorchReader):
-    """A torch / Lightning object copied to a local temporary file and read by the local
-    :class:`~cmdtool.checkpoints.torchfile.TorchReader`; the copy is removed on close
-    (tensors already returned stay valid: the unlinked file stays mapped), or at once if
-    the file is refused."""
+class RemoteTorchReader:
+    """A torch / Lightning object read through a local temporary copy by the local
+    :class:`~cmdtool.checkpoints.torchfile.TorchReader`, one file of a checkpoint
+    folder at a time.
+
+    Opening copies the object, loads it (all the local checks) and keeps its names and
+    specs; the copy stays while no other file of the same folder needs one (a
+    single-file checkpoint is copied once). A sharded ``pytorch_model-*.bin``
+    checkpoint's shards take turns: loading a tensor of another shard removes the
+    current copy first and copies that shard again, so at most one shard lies on local
+    disk (each shard is fetched twice: once when opened, once when read). Tensors
+    already returned stay valid (an unlinked file stays mapped). The copy is removed on
+    close, or at once if the file is refused.
+    """
 
     def __init__(
         self,
@@ -237,21 +245,73 @@ class RemoteTorchReader(TorchReader):
         state: str = "raw",
         limits: ReadLimits | None = None,
     ) -> None:
-        self._tmpdir = Path(tempfile.mkdtemp(prefix="cmdtool-copy-"))
-        copy = self._tmpdir / path.name
-        try:
-            _download(remote, copy)
-            super().__init__(copy, allow_globals, state, limits)
-        except BaseException as exc:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            if isinstance(exc, CmdtoolError) and exc.args and isinstance(exc.args[0], str):
-                exc.args = (exc.args[0].replace(str(copy), str(path)), *exc.args[1:])
-            raise
         self.path = path
+        self._remote = remote
+        self._args = (tuple(allow_globals), state, limits)
+        self._local: TorchReader | None = None
+        self._tmpdir: Path | None = None
+        self._closed = False
+        reader = self._load()
+        self.state_key = reader.state_key
+        self._specs = {name: reader.spec(name) for name in reader.names()}
+
+    def _load(self) -> TorchReader:
+        """The local reader of this file, copying it first (and removing the copy of
+        any other file of the folder) when it is not on disk."""
+        if self._local is not None:
+            return self._local
+        with _resident_lock:
+            other = _resident.get(self.path.parent)
+            _resident[self.path.parent] = self
+        if other is not None and other is not self:
+            other._evict()
+        self._tmpdir = Path(tempfile.mkdtemp(prefix="cmdtool-copy-"))
+        copy = self._tmpdir / self.path.name
+        try:
+            download(self._remote, copy)
+            self._local = TorchReader(copy, *self._args)
+        except BaseException as exc:
+            self._evict()
+            if isinstance(exc, CmdtoolError) and exc.args and isinstance(exc.args[0], str):
+                exc.args = (exc.args[0].replace(str(copy), str(self.path)), *exc.args[1:])
+            raise
+        return self._local
+
+    def _evict(self) -> None:
+        """Drop the local reader and remove the copy (tensors returned stay valid)."""
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        with _resident_lock:
+            if _resident.get(self.path.parent) is self:
+                del _resident[self.path.parent]
+
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self._specs[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._closed:
+            raise ValueError(f"checkpoint {self.path} is closed")
+        self._specs[name]  # KeyError for a name this file does not hold
+        fresh = self._local is None
+        reader = self._load()
+        if fresh and {n: reader.spec(n) for n in reader.names()} != self._specs:
+            self._evict()
+            raise CheckpointError(
+                f"{self.path} changed while it was read (its tensors are not the ones it "
+                "held when opened)"
+            )
+        return reader.get(name)
 
     def close(self) -> None:
-        super().close()
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
+        self._closed = True
+        self._evict()
 
 
 def open_remote_file(
@@ -271,11 +331,26 @@ def open_remote_file(
 
 
 def refuse_remote_dcp(folder: Path) -> None:
-    """DCP folders are not read from object storage (yet): a usage error naming it."""
-    if remote_of(folder / ".metadata") is not None:
+    """Refuse an object-store DCP folder too big for the local temporary directory.
+
+    :class:`~cmdtool.checkpoints.dcp.DCPReader` reads such a folder from a temporary
+    local copy of its ``.metadata`` and ``*.distcp`` files (one checkpoint folder at a
+    time, removed on close); this checks first that the copy fits, so that a full disk
+    is a one-line usage error naming the folder rather than a failure mid-copy.
+    """
+    if remote_of(folder / ".metadata") is None:
+        return
+    need = sum(
+        f.stat().st_size for f in folder.iterdir()
+        if f.is_file() and (f.name == ".metadata" or f.name.endswith(".distcp"))
+    )  # fmt: skip
+    where = tempfile.gettempdir()
+    free = shutil.disk_usage(where).free
+    if need > free:
         raise UsageError(
-            f"{folder}: torch.distributed.checkpoint folders cannot be read from object "
-            "storage yet; copy the run to a local folder"
+            f"{folder}: reading this torch.distributed.checkpoint folder from object "
+            f"storage needs {need} bytes of local temporary space and {where} has {free} "
+            "free; set TMPDIR to a folder on a larger disk"
         )
 
 

@@ -4,9 +4,17 @@ Credentials and the endpoint come the usual way: ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_ENDPOINT_URL`` (an
 S3-compatible server), ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ALLOW_HTTP``,
 ``AWS_SKIP_SIGNATURE`` (public buckets), and where no key is in the environment a
-profile (``AWS_PROFILE``, ``~/.aws/credentials``, SSO, instance roles) resolved by boto3
-when it is installed.  ``gs://`` and ``az://`` use obstore's own environment variables
-(``GOOGLE_*``, ``AZURE_*``).  Nothing here prints or logs any of these values.
+profile (``AWS_PROFILE``, ``~/.aws/credentials``, SSO), a web-identity token or a
+container role resolved by boto3 when it is installed (obstore's own chain otherwise).
+``gs://`` and ``az://`` use obstore's own environment variables (``GOOGLE_*``,
+``AZURE_*``).  Nothing here prints or logs any of these values.
+
+Missing credentials are found before any request (:func:`_s3_credentials`): the
+instance-metadata endpoint (EC2 instance roles) is asked only where something says it
+applies -- ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` is set, or the machine's firmware
+names it an EC2 instance (:data:`EC2_MARKERS`) -- and never when
+``AWS_EC2_METADATA_DISABLED=true``; elsewhere no credentials is a one-line error at
+once, not a metadata timeout.
 
 Retries: ``CMDTOOL_OBJECTSTORE_RETRIES`` (default 3) retries of a failed request with
 exponential backoff from 100 ms, at most ``CMDTOOL_OBJECTSTORE_RETRY_TIMEOUT`` seconds
@@ -33,7 +41,27 @@ _ENV_KEYS = (
     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
     "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP", "AWS_SKIP_SIGNATURE",
     "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "CMDTOOL_OBJECTSTORE_RETRIES",
-    "CMDTOOL_OBJECTSTORE_RETRY_TIMEOUT",
+    "CMDTOOL_OBJECTSTORE_RETRY_TIMEOUT", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_EC2_METADATA_DISABLED", "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+)
+#: Role sources the environment names (web identity: EKS IRSA; container: ECS, EKS Pod
+#: Identity): resolved by boto3 / obstore without the instance-metadata endpoint.
+ROLE_VARS = (
+    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+#: Files whose contents say this machine is an EC2 instance (Nitro firmware: vendor
+#: "Amazon EC2" or an "i-..." asset tag; Xen: a hypervisor uuid starting "ec2"); read
+#: locally, no request.
+EC2_MARKERS = (
+    ("/sys/devices/virtual/dmi/id/sys_vendor", "amazon ec2"),
+    ("/sys/devices/virtual/dmi/id/board_asset_tag", "i-"),
+    ("/sys/hypervisor/uuid", "ec2"),
+)
+_NO_CREDENTIALS = (
+    "no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+    "or AWS_SKIP_SIGNATURE=true for a public bucket"
 )
 
 
@@ -64,8 +92,32 @@ def _retry_config() -> dict[str, Any]:
     }
 
 
+def instance_metadata_applies() -> bool:
+    """Whether EC2 instance-metadata credentials may be asked for (no request made).
+
+    True when ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` is set or a file of
+    :data:`EC2_MARKERS` says this is an EC2 instance; always False when
+    ``AWS_EC2_METADATA_DISABLED`` is true.
+    """
+    env = os.environ
+    if env.get("AWS_EC2_METADATA_DISABLED", "").lower() in _TRUE:
+        return False
+    if env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT"):
+        return True
+    for path, starts in EC2_MARKERS:
+        try:
+            with open(path, encoding="ascii", errors="replace") as fh:
+                if fh.read(64).strip().lower().startswith(starts):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _s3_credentials(u: ObjectURL) -> Any:
-    """A boto3 credential provider where the environment holds no key, else None.
+    """The credential provider of an ``s3://`` URL: None where obstore reads them itself
+    (keys in the environment, unsigned requests, or -- without boto3 -- a role the
+    environment names), else a boto3 provider.
 
     Raises
     ------
@@ -73,16 +125,34 @@ def _s3_credentials(u: ObjectURL) -> Any:
         No credentials anywhere (exit 11), naming the URL and the ways to give them.
     """
     env = os.environ
-    if env.get("AWS_ACCESS_KEY_ID") or env.get("AWS_SKIP_SIGNATURE", "").lower() in _TRUE:
+    if env.get("AWS_SKIP_SIGNATURE", "").lower() in _TRUE:
         return None
+    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        return None
+    if key or secret:
+        have, lack = (
+            ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if key
+            else ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
+        )  # fmt: skip
+        raise ObjectStoreError(f"{u}: {have} is set but {lack} is not")
+    imds = instance_metadata_applies()
     try:
-        import boto3
+        import boto3.session
+        import botocore.session
         from obstore.auth.boto3 import Boto3CredentialProvider
     except ImportError:
-        return None  # obstore's own chain (web identity, instance metadata) decides
-    import boto3.session
-
-    session = boto3.session.Session()
+        if imds or any(env.get(v) for v in ROLE_VARS):
+            return None  # obstore's own chain: web identity, container, instance role
+        if env.get("AWS_PROFILE"):
+            raise ObjectStoreError(
+                f"{u}: AWS_PROFILE needs boto3 to be resolved: pip install boto3"
+            ) from None
+        raise ObjectStoreError(f"{u}: {_NO_CREDENTIALS}") from None
+    core = botocore.session.get_session()
+    if not imds:  # nothing says this is an instance: no metadata request, no timeout
+        core.get_component("credential_provider").remove("iam-role")
+    session = boto3.session.Session(botocore_session=core)
     try:
         found = session.get_credentials()
     except Exception as exc:
@@ -90,10 +160,7 @@ def _s3_credentials(u: ObjectURL) -> Any:
             f"{u}: cannot read the AWS credentials ({type(exc).__name__})"
         ) from None
     if found is None:
-        raise ObjectStoreError(
-            f"{u}: no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-            "AWS_PROFILE, or AWS_SKIP_SIGNATURE=true for a public bucket"
-        )
+        raise ObjectStoreError(f"{u}: {_NO_CREDENTIALS}")
     return Boto3CredentialProvider(session)
 
 
@@ -114,7 +181,24 @@ def store_for(url: str | ObjectURL) -> Any:
         No credentials, or the client cannot be configured (exit 11).
     """
     u = parse(url) if isinstance(url, str) else url
-    key = (u.root, _env_fingerprint())
+    return _cached(u, u.root)
+
+
+def store_at(url: str | ObjectURL) -> Any:
+    """The obstore store rooted at ``url``'s prefix (keys are relative to it), as
+    :func:`store_for` builds and caches it (per URL and environment).
+
+    A ``memory://NAME/PREFIX`` URL is an in-process store of its own (memory stores
+    have no prefix). Raises as :func:`store_for`.
+    """
+    u = parse(url) if isinstance(url, str) else url
+    return _cached(u, str(u))
+
+
+def _cached(u: ObjectURL, target: str) -> Any:
+    """The store obstore builds for ``target`` (``u``'s bucket or its prefix), cached by
+    ``target`` and the configuration environment."""
+    key = (target, _env_fingerprint())
     with _lock:
         found = _cache.get(key)
         if found is not None:
@@ -141,7 +225,7 @@ def store_for(url: str | ObjectURL) -> Any:
                     if endpoint:
                         kwargs["endpoint"] = endpoint
                 store = from_url(  # type: ignore[call-overload]
-                    u.root,
+                    target,
                     client_options=options or None,
                     retry_config=_retry_config(),
                     **kwargs,
