@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -120,16 +123,64 @@ def store_params(store: Path) -> list[dict]:
     return list(zarr.open_group(store, mode="r").attrs["cmdtool"]["params"])
 
 
-def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m cmdtool ARGS`` as a real process (wide terminal for one-line errors)."""
-    env = {**os.environ, "COLUMNS": "200"}
+_FORK_SERVER: list[Any] = []  # the session's ForkServer, once the fixture below has made it
+
+
+def run_cli(
+    *args: str | Path,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    umask: int | None = None,
+    fsize: int | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmdtool ARGS`` as a process of its own (wide terminal for one-line errors).
+
+    The process is a child forked from the session's already imported fork server
+    (:class:`tests.fault_runner.ForkServer`, mode ``plain``): the console script's own
+    ``main()``, its exit code, stdout and stderr, in ``cwd`` with ``env`` (default: this
+    environment plus ``COLUMNS=200``) and ``umask`` (default: this process's), files up
+    to ``fsize`` bytes (a longer write fails with EFBIG; default: no limit), only
+    without the interpreter start, the torch import and the module teardown at exit. What
+    modules read from the environment when imported is the server's: a test about that
+    (thread counts, zarr config, code planted through PYTHONPATH) or about start-up itself
+    uses :func:`run_cli_process`, a freshly started interpreter."""
+    env = {**os.environ, "COLUMNS": "200"} if env is None else env
+    if not _FORK_SERVER:
+        return run_cli_process(*args, cwd=cwd, env=env, timeout=timeout, umask=umask, fsize=fsize)
+    if umask is None:  # this process's now, as subprocess.run would leave it
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return _FORK_SERVER[0].run(  # type: ignore[no-any-return]
+        "plain", 0, 0, *args, cwd=cwd or Path.cwd(), env=env, timeout=timeout, umask=umask,
+        fsize=fsize,
+    )  # fmt: skip
+
+
+def run_cli_process(
+    *args: str | Path,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    umask: int | None = None,
+    fsize: int | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cmdtool ARGS`` as a freshly started interpreter."""
+    env = {**os.environ, "COLUMNS": "200"} if env is None else env
+
+    def cap() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past it is EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))  # type: ignore[arg-type]
+
     return subprocess.run(
         [sys.executable, "-m", "cmdtool", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
         env=env,
-        timeout=300,
+        timeout=timeout,
+        umask=-1 if umask is None else umask,
+        preexec_fn=cap if fsize is not None else None,
     )
 
 
@@ -184,12 +235,58 @@ def planted_run(tmp_path: Path):
     return folder, w, groups
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
+def sigint_default():
+    """Let the commands the tests start be interrupted by SIGINT (the Ctrl-C tests).
+
+    A shell without job control starts a background job (``pytest ... &``) with SIGINT
+    ignored, every process started from it inherits that, and Python installs no
+    KeyboardInterrupt handler when SIGINT is ignored at start-up: the Ctrl-C tests then
+    wait for a command that never stops. Restoring the handler here makes children start
+    with the default disposition however the suite was launched."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def fault_server(tmp_path_factory):
-    """``tests/fault_runner.py --serve``: runs fault-armed commands as forked children of
-    one already imported process (:class:`tests.fault_runner.ForkServer`)."""
+    """``tests/fault_runner.py --serve``: runs commands (fault-armed, or ``plain`` for
+    :func:`run_cli`) as forked children of one already imported process
+    (:class:`tests.fault_runner.ForkServer`); started at its first command."""
     from tests.fault_runner import ForkServer
 
-    server = ForkServer(tmp_path_factory.mktemp("fault-runner"))
+    server = ForkServer(tmp_path_factory.mktemp("fork-server"))
+    _FORK_SERVER.append(server)
     yield server
+    _FORK_SERVER.clear()
     server.close()
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(request: pytest.FixtureRequest):
+    """One Dask LocalCluster of 2 worker processes (1 thread each) for the whole session:
+    its scheduler address. The workers' environment points at the session's S3 server
+    when moto is installed (object-store tests read buckets on the workers); the scheduler
+    gives up on a block after it has been running on 2 workers that died
+    (allowed_failures=1, default 3)."""
+    pytest.importorskip("distributed")
+    import logging
+
+    from distributed import LocalCluster
+
+    try:
+        worker_env = request.getfixturevalue("s3_server").env()
+    except pytest.skip.Exception:  # no moto: Dask tests without object stores still run
+        worker_env = {}
+
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.CRITICAL,
+        scheduler_kwargs={"allowed_failures": 1},
+        env=worker_env,
+    ) as lc:
+        yield lc.scheduler_address

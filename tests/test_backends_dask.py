@@ -3,7 +3,6 @@ single-process run, and clear errors (nothing published) when the cluster fails.
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -26,7 +25,15 @@ from cmdtool.errors import ClusterError, DeviceError, UsageError
 from cmdtool.ingestion import ingest
 from cmdtool.reconstruction import reconstruct
 from cmdtool.store import TrajectoryStore
-from tests.conftest import REPO, n_modeled, planted, state_dicts, tree_digest, write_run
+from tests.conftest import (
+    REPO,
+    n_modeled,
+    planted,
+    run_cli,
+    state_dicts,
+    tree_digest,
+    write_run,
+)
 
 CHUNK = 512  # 7 column blocks (N = 3224): several tasks per worker
 UNREACHABLE = "tcp://127.0.0.1:9"
@@ -38,18 +45,11 @@ def cmd(*, cluster: str | None = None, device: str = "auto") -> CMD:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """A scheduler in this process and 2 worker processes; dask gives up on a block after
+def cluster(dask_cluster: str) -> Iterator[str]:
+    """The session's scheduler (in this process) and its 2 worker processes
+    (``tests/conftest.py``: ``dask_cluster``, started once); dask gives up on a block after
     it has been running on 2 workers that died (allowed_failures=1, default 3)."""
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",
-        silence_logs=logging.CRITICAL,
-        scheduler_kwargs={"allowed_failures": 1},
-    ) as lc:
-        yield lc.scheduler_address
+    yield dask_cluster
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +80,9 @@ def _no_partials(store: Path) -> bool:
 
 
 def cli(*args: str | Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cmdtool", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "200", **env},
-        timeout=300,
-    )
+    """``cmdtool ARGS`` as a process of its own (``run_cli``: forked from the session's
+    fork server, which has not imported dask, so ``DASK_*`` variables in ``env`` apply)."""
+    return run_cli(*args, cwd=REPO, env={**os.environ, "COLUMNS": "200", **env})
 
 
 def test_fit_on_the_cluster_equals_the_local_fit(store: Path, cluster: str) -> None:
@@ -135,9 +130,10 @@ def test_cli_decompose_and_reconstruct_with_cluster(
 
 
 def test_unreachable_scheduler_is_a_cluster_error(store: Path, tmp_path: Path) -> None:
+    # nothing listens on port 9: refused at once, retried until the connect timeout
     before = tree_digest(store)
     with (
-        dask.config.set({"distributed.comm.timeouts.connect": "1s"}),
+        dask.config.set({"distributed.comm.timeouts.connect": "0.2s"}),
         pytest.raises(
             ClusterError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9"
         ),
@@ -145,14 +141,14 @@ def test_unreachable_scheduler_is_a_cluster_error(store: Path, tmp_path: Path) -
         cmd(cluster=UNREACHABLE).fit(store, name="local")
     assert tree_digest(store) == before
     r = cli("decompose", store, "--name", "local", "--cluster", UNREACHABLE,
-            DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="1s")  # fmt: skip
+            DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="0.2s")  # fmt: skip
     assert r.returncode == 8, (r.returncode, r.stderr)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "tcp://127.0.0.1:9" in lines[0]
     assert tree_digest(store) == before
     r = cli("reconstruct", store, tmp_path / "out", "--name", "local", "--cluster", UNREACHABLE,
-            DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="1s")  # fmt: skip
+            DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="0.2s")  # fmt: skip
     assert r.returncode == 8, (r.returncode, r.stderr)
     assert not list((tmp_path / "out").glob("epoch_*"))
 

@@ -1,7 +1,8 @@
 """Torch files say what they hold (issue 11, item 3): every storage the pickle claims must
 match the bytes behind it, the tensors of a file are counted before torch builds them, and
 the unsafe-globals report comes from one load. Crafted files are real zip / legacy files
-written here; the console script is run as a user would."""
+written here; the console script's ``main()`` is run as a user would, in a process of its
+own (:func:`tests.conftest.run_cli`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 import pickle
 import struct
 import subprocess
-import sys
 import time
 import zipfile
 import zlib
@@ -24,16 +24,14 @@ from cmdtool.checkpoints import discover, open_checkpoint
 from cmdtool.checkpoints.limits import ReadLimits
 from cmdtool.checkpoints.torchscan import ScanError, scan_pickle
 from cmdtool.errors import CheckpointError, UnsafeCheckpointError
-
-CMDTOOL = Path(sys.executable).with_name("cmdtool")
+from tests.conftest import run_cli
 
 
 def cmdtool(*args: object, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """The installed console script, as a user runs it (wide terminal: one-line errors)."""
+    """``cmdtool ARGS`` in a process of its own, as a user runs it (wide terminal: one-line
+    errors)."""
     env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run(
-        [str(CMDTOOL), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
-    )
+    return run_cli(*map(str, args), env=env, timeout=timeout)
 
 
 def one_line_error(r: subprocess.CompletedProcess[str]) -> str:

@@ -23,6 +23,7 @@ from tests.conftest import (
     one_line_error,
     planted,
     run_cli,
+    run_cli_process,
     state_dicts,
     tree_digest,
     write_run,
@@ -252,7 +253,20 @@ def test_bad_checkpoint_is_exit_4_and_the_store_as_it_was(tmp_path, kind):
     assert tree_digest(store) == before
 
 
+def test_fork_server_child_is_the_fresh_process(tmp_path):
+    # guards: tests/fault_runner.py's plain mode and _exit_child (what run_cli runs): the
+    # same exit code, stdout and stderr as a freshly started `python -m cmdtool`
+    missing = tmp_path / "missing.zarr"
+    forked, fresh = run_cli("info", missing), run_cli_process("info", missing)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (
+        fresh.returncode, fresh.stdout, fresh.stderr,
+    )  # fmt: skip
+    one_line_error(forked, 3, "store not found", str(missing))
+
+
 def test_console_script_and_version():
-    exe = Path(sys.executable).with_name("cmdtool")
-    r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
+    # the console script's main() in a process of its own; the installed script itself is
+    # run by test_internal_error_is_exit_1_through_the_console_script above and by
+    # test_cli_app.py's closed-pipe test
+    r = cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("cmdtool ")

@@ -1,7 +1,11 @@
-"""The command line as users expect it (issue 13, item 5), through the real console script:
-``-h``, flags and defaults in help, ``--debug`` keeping the exit code, a closed stdout pipe,
-no wrapping off a terminal, OUT as one file, the file mode, ``--format pt`` key order,
-``run`` taking the decompose options, and the README's figures for the sample."""
+"""The command line as users expect it (issue 13, item 5): ``-h``, flags and defaults in
+help, ``--debug`` keeping the exit code, a closed stdout pipe, no wrapping off a terminal,
+OUT as one file, the file mode, ``--format pt`` key order, ``run`` taking the decompose
+options, and the README's figures for the sample.
+
+Commands run as processes of their own forked from the tests' fork server
+(:func:`tests.conftest.run_cli`: the console script's ``main()``); the closed-pipe test
+runs the installed ``cmdtool`` script itself, a fresh process with a live pipe."""
 
 from __future__ import annotations
 
@@ -20,7 +24,16 @@ from safetensors import safe_open
 
 from cmdtool.decomposition import CMD
 from cmdtool.ingestion import ingest
-from tests.conftest import LAYOUT, REPO, SAMPLE, n_modeled, planted, state_dicts, write_run
+from tests.conftest import (
+    LAYOUT,
+    REPO,
+    SAMPLE,
+    n_modeled,
+    planted,
+    run_cli,
+    state_dicts,
+    write_run,
+)
 
 #: a long module path: `info`'s tensor table is over 80 columns wide
 PREFIX = "encoder.very_long_submodule_name.another_long_block_name."
@@ -36,18 +49,11 @@ def console_script() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "cmdtool"]
 
 
-def cli(*args: str | Path, **kwargs) -> subprocess.CompletedProcess[str]:
-    """The console script with ARGS, stdout/stderr captured (never a terminal); no COLUMNS,
-    so that nothing but the tool decides the width."""
+def cli(*args: str | Path, umask: int | None = None) -> subprocess.CompletedProcess[str]:
+    """``cmdtool ARGS`` in a process of its own (:func:`run_cli`), stdout/stderr captured
+    (never a terminal); no COLUMNS, so that nothing but the tool decides the width."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    return subprocess.run(
-        [*console_script(), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        **kwargs,
-    )
+    return run_cli(*args, env=env, umask=umask)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +70,9 @@ def pt_run(tmp_path_factory):
     return src, store
 
 
-def _help_texts() -> dict[str, str]:
-    """`cmdtool CMD -h` for every command, through cmdtool.cli.main in one process."""
+def _help_texts(fault_server) -> dict[str, str]:
+    """`cmdtool CMD -h` for every command, through cmdtool.cli.main in one process (a
+    `python -c` child of the fork server)."""
     code = (
         "import json, sys, io, contextlib\n"
         "from cmdtool.cli import main\n"
@@ -81,7 +88,7 @@ def _help_texts() -> dict[str, str]:
         "    out[c] = buf.getvalue()\n"
         "sys.__stdout__.write(json.dumps(out))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = fault_server.run("python", 0, 0, code, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -100,12 +107,12 @@ def _options(help_text: str) -> dict[str, str]:
     return opts
 
 
-def test_short_help_flags_and_one_form_of_defaults():
+def test_short_help_flags_and_one_form_of_defaults(fault_server):
     top = cli("-h")
     assert top.returncode == 0, top.stderr
     assert "-h, --help" in top.stdout and "reconstruct" in top.stdout
 
-    texts = _help_texts()
+    texts = _help_texts(fault_server)
     for command, text in texts.items():
         assert "<bool>" not in text, command  # a flag is a flag
         assert "(default" not in text.lower(), command  # one form: "[default: X]"
@@ -134,6 +141,8 @@ def test_debug_adds_the_traceback_and_keeps_the_exit_code(pt_run):
 
 
 def test_closed_pipe_ends_quietly_with_141(pt_run):
+    # the one test here through the installed console script itself (a fresh process,
+    # its stdout a live pipe closed under it)
     _, store = pt_run
     p = subprocess.Popen(
         [*console_script(), "info", str(store)],

@@ -211,7 +211,7 @@ def test_publish_interrupted_between_renames_is_recovered(source, tmp_path):
     assert (store / "cmd" / "zarr.json").is_file()
 
 
-def test_killed_reconstruct_leaves_no_truncated_file(source, tmp_path):
+def test_killed_reconstruct_leaves_no_truncated_file(source, tmp_path, fault_server):
     # guards: reconstruct._atomic_write (temporary name, then rename)
     base, _, _ = source
     store = tmp_path / "s"
@@ -229,8 +229,9 @@ def test_killed_reconstruct_leaves_no_truncated_file(source, tmp_path):
         "rc.save_file = dying\n"
         f"rc.reconstruct({str(store)!r}, {str(out)!r}, epochs='all')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO, timeout=120)
-    assert r.returncode == -9
+    # `python -c code` in a child of the fork server (the planted save_file is the child's)
+    r = fault_server.run("python", 0, 0, code, cwd=REPO, timeout=120)
+    assert r.returncode == -9, r.stderr
     assert not list(out.glob("epoch_*"))
     from cmdtool.reconstruction import reconstruct
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from cmdtool.decomposition import CMD
@@ -94,14 +95,31 @@ def test_threshold_cut(planted_store):
     assert fine.n_modes_ == 4 and _purity(fine.labels_, groups) >= 0.99
 
 
+#: a 598-parameter model for K = N fits (the clustering's cost grows as K^3)
+SMALL_LAYOUT = [
+    ("conv.weight", (8, 4, 3, 3), torch.float32),
+    ("fc.weight", (10, 30), torch.float32),
+    ("fc.bias", (10,), torch.float32),
+    ("step", (), torch.int64),
+]
+
+
 def test_constant_trajectories(tmp_path):
-    n = n_modeled()
+    n = n_modeled(SMALL_LAYOUT)
     w, _, _ = planted(n, 8, 2, seed=0)
-    w[:100] = 0.25  # constant parameters, all of them sampled (K = N)
-    write_run(tmp_path / "run", state_dicts(w))
+    w[:100] = 0.25  # constant parameters (part of conv.weight), all of them sampled (K = N)
+    write_run(tmp_path / "run", state_dicts(w, SMALL_LAYOUT))
     ingest(tmp_path / "run", tmp_path / "s.zarr")
     model = CMD(2, n_samples=n).fit(tmp_path / "s.zarr")
-    const = to_store_order(np.arange(n), store_params(tmp_path / "s.zarr")) < 100
+    assert model.sample_index_.size == n
+    start, col = {}, 0  # each tensor's first row of w (SMALL_LAYOUT order)
+    for name, shape, dt in SMALL_LAYOUT:
+        if dt.is_floating_point:
+            start[name], col = col, col + int(np.prod(shape))
+    params = sorted(store_params(tmp_path / "s.zarr"), key=lambda p: p["offset"])
+    rows = np.concatenate([start[p["name"]] + np.arange(np.prod(p["shape"])) for p in params])
+    const = rows < 100  # store column -> its row of w
+    assert const.sum() == 100
     assert np.all(model.a_[const] == 0)
     assert np.allclose(model.b_[const], 0.25)
     assert np.all(np.isfinite(model.a_)) and np.all(np.isfinite(model.b_))

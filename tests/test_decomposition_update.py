@@ -36,19 +36,30 @@ CHUNK = 1000  # rows of several chunks in these small stores
 T = 30
 
 
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    """30 planted epochs on disk; the store holds the first 20, decomposed over all 20."""
-    monkeypatch.setattr(cmdtool.store.trajectory, "CHUNK", CHUNK)
+@pytest.fixture(scope="module")
+def run_template(tmp_path_factory):
+    """30 planted epochs on disk; a store of the first 20, decomposed over all 20 (made
+    once; each test gets its own copy from :func:`run`)."""
+    base = tmp_path_factory.mktemp("update")
     w, _, _ = planted(n_modeled(), T, 4, seed=11, noise=0.02)
     sds = state_dicts(w)
-    source, later = tmp_path / "run", tmp_path / "later"
-    write_run(source, sds[:20])
-    write_run(later, sds)
-    store = tmp_path / "s.zarr"
-    ingest(source, store)
-    CMD(4, n_samples=300, seed=1).fit(store)
-    return store, later, sds
+    write_run(base / "run", sds[:20])
+    write_run(base / "later", sds)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cmdtool.store.trajectory, "CHUNK", CHUNK)
+        ingest(base / "run", base / "s.zarr")
+    CMD(4, n_samples=300, seed=1).fit(base / "s.zarr")
+    return base, sds
+
+
+@pytest.fixture
+def run(run_template, tmp_path, monkeypatch):
+    """30 planted epochs on disk; the store holds the first 20, decomposed over all 20."""
+    monkeypatch.setattr(cmdtool.store.trajectory, "CHUNK", CHUNK)
+    base, sds = run_template
+    for name in ("run", "later", "s.zarr"):  # the store records no path of its own
+        shutil.copytree(base / name, tmp_path / name)
+    return tmp_path / "s.zarr", tmp_path / "later", sds
 
 
 def _weights(store) -> np.ndarray:

@@ -13,7 +13,7 @@ from cmdtool.method.sampling import sample_indices
 from cmdtool.store import EpochInfo, ParamInfo, TrajectoryStore
 from tests.conftest import REPO
 
-N, T = 4_000_000, 50  # 800 MB of float32 trajectory
+N, T = 3_000_000, 50  # 600 MB of float32 trajectory: 1.5 x what the child may allocate
 HEADROOM_MB = 400  # what the child may allocate beyond its warmed-up size
 
 CHILD = """

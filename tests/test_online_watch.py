@@ -26,7 +26,15 @@ from cmdtool.errors import CheckpointError, CmdtoolError, SourceNotFoundError, U
 from cmdtool.ingestion import ingest
 from cmdtool.online.watch import WatchEvent, check_file, watch
 from cmdtool.store import RESULT_ATTR, TrajectoryStore
-from tests.conftest import REPO, n_modeled, planted, state_dicts, to_store_order, write_run
+from tests.conftest import (
+    REPO,
+    n_modeled,
+    planted,
+    run_cli,
+    state_dicts,
+    to_store_order,
+    write_run,
+)
 
 WRITER = REPO / "tests" / "slow_writer.py"
 FIT = {"n_modes": 3, "n_samples": 300}  # small fits for the 3,224-parameter planted model
@@ -92,7 +100,8 @@ def test_watch_follows_a_slow_writer(run8, tmp_path):
     staging, w = run8
     source, store = tmp_path / "run", tmp_path / "store.zarr"
     source.mkdir()
-    cmd = _cli(source, store, "--warmup", "4", "--interval", "0.2", "--until-idle", "3")
+    # idle stop 2 s: longer than the writer's longest stall (epoch 3's halves, 2 x 0.6 s)
+    cmd = _cli(source, store, "--warmup", "4", "--interval", "0.1", "--until-idle", "2")
     watcher = subprocess.Popen(
         [*cmd, *FIT_ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
     )
@@ -137,9 +146,7 @@ def test_a_file_that_never_completes_is_exit_4_naming_it(run8, tmp_path):
         _writer(staging, source, [1, 2, 3, 4], "--pause", "0.1", "--stop-at", _name(4))
     )
     args = ["--warmup", "5", "--interval", "0.1", "--until-idle", "1.5", *FIT_ARGS]
-    r = subprocess.run(
-        _cli(source, store, *args), capture_output=True, text=True, env=_env(), timeout=120
-    )
+    r = run_cli("watch", source, store, *args, env=_env(), timeout=120)  # forked: no Popen needed
     assert writer.wait(timeout=60) == 0
     assert r.returncode == 4, r.stderr
     size = (source / _name(4)).stat().st_size
@@ -247,9 +254,7 @@ def test_a_hugging_face_folder_still_being_written_is_waited_for(run8, tmp_path)
 def test_warmup_below_3_is_exit_2_before_anything_happens(run8, tmp_path):
     staging, _ = run8
     store = tmp_path / "store.zarr"
-    r = subprocess.run(
-        _cli(staging, store, "--warmup", "2"), capture_output=True, text=True, env=_env()
-    )
+    r = run_cli("watch", staging, store, "--warmup", "2", env=_env())
     assert r.returncode == 2, r.stderr
     assert "warmup=2 must be >= 3" in r.stderr
     assert not store.exists()
@@ -482,7 +487,9 @@ def test_preallocated_files_are_ingested_complete_and_a_later_fill_is_noticed(ru
     source.mkdir()
     for k in (1, 2, 3):
         shutil.copy(staging / _name(k), source / _name(k))
-    args = ["--warmup", "3", "--interval", "0.1", "--settle", "2", "--until-idle", "4", "--json"]
+    # --settle 2: over 3 x the 0.6 s stall of epoch 4; the idle stop needs no more than
+    # --settle (a complete file waiting out its settle time holds it off)
+    args = ["--warmup", "3", "--interval", "0.1", "--settle", "2", "--until-idle", "2", "--json"]
     watcher = subprocess.Popen(
         [*_cli(source, store, *args), *FIT_ARGS],
         stdout=subprocess.PIPE,
@@ -527,7 +534,7 @@ def test_older_renamed_and_changed_files_are_notices_and_watching_goes_on(run8, 
     source.mkdir()
     for k in (1, 2, 3, 5):
         shutil.copy(staging / _name(k), source / _name(k))
-    args = ["--warmup", "3", "--interval", "0.1", "--settle", "0.3", "--until-idle", "3"]
+    args = ["--warmup", "3", "--interval", "0.1", "--settle", "0.3", "--until-idle", "2"]
     watcher = subprocess.Popen(
         [*_cli(source, store, *args), *FIT_ARGS],
         stdout=subprocess.PIPE,

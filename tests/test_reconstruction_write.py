@@ -5,37 +5,21 @@ reconstruct`` is exit 6 with one line naming the file, and leaves no partial fil
 from __future__ import annotations
 
 import os
-import resource
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cmdtool.decomposition import CMD
 from cmdtool.ingestion import ingest
-
-_SCRIPT = Path(sys.executable).parent / "cmdtool"
+from tests.conftest import run_cli
 
 
 def _cli(*args: str | Path, limit: int | None = None) -> subprocess.CompletedProcess[str]:
-    """The real ``cmdtool`` script; ``limit``: the largest file it may write (bytes)."""
-
-    def cap() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past it is EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # type: ignore[arg-type]
-
-    cmd = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cmdtool"]
-    return subprocess.run(
-        [*cmd, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "250"},
-        preexec_fn=cap if limit is not None else None,
-    )
+    """``cmdtool ARGS`` in a process of its own (:func:`run_cli`); ``limit``: the largest
+    file it may write (bytes; RLIMIT_FSIZE with SIGXFSZ ignored: a longer write is EFBIG)."""
+    return run_cli(*args, env={**os.environ, "COLUMNS": "250"}, fsize=limit)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@
 Stores are real zarr folders in tmp_path, damaged the way a careless or hostile user
 would: a chunk file deleted, truncated or with a byte flipped, ``zarr.json`` attributes
 edited, a label written with plain zarr. Where a user meets the damage it is checked
-through the real console script: one line on stderr, exit 6, the store untouched.
+through the console script's ``main()`` in a process of its own (:func:`run_cli`): one
+line on stderr, exit 6, the store untouched.
 """
 
 from __future__ import annotations
@@ -26,24 +27,24 @@ from cmdtool.errors import StoreError
 from cmdtool.ingestion import ingest
 from cmdtool.store import TrajectoryStore
 from cmdtool.store.cleanup import UPGRADE_OLD_PREFIX, UPGRADE_PREFIX
-from tests.conftest import n_modeled, one_line_error, planted, state_dicts, tree_digest, write_run
+from tests.conftest import (
+    n_modeled,
+    one_line_error,
+    planted,
+    run_cli,
+    state_dicts,
+    tree_digest,
+    write_run,
+)
 
 CHUNK = 1024  # N = 3224: rows of 4 chunks
 EPOCHS = 6
 ZERO_EPOCH = 4  # label of an epoch whose weights are all zero
-_SCRIPT = Path(sys.executable).parent / "cmdtool"
 
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """The real console script ``cmdtool`` (wide terminal, so errors stay one line)."""
-    cmd = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cmdtool"]
-    return subprocess.run(
-        [*cmd, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "250"},
-    )
+    """``cmdtool ARGS`` in a process of its own (wide terminal, so errors stay one line)."""
+    return run_cli(*args, env={**os.environ, "COLUMNS": "250"})
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from cmdtool.errors import StoreError
 from cmdtool.ingestion import ingest
 from cmdtool.store import TrajectoryStore
 from cmdtool.store.lock import LOCK_NAME
-from tests.conftest import REPO, n_modeled, planted, state_dicts, write_run
+from tests.conftest import REPO, n_modeled, planted, run_cli, state_dicts, write_run
 
 HOLD = (
     "import sys, time\n"
@@ -50,13 +50,7 @@ def test_second_writer_refused_then_stale_lock_taken_over(small_store):
             StoreError, match=rf"being written by another cmdtool process \(pid {holder.pid}"
         ):
             ingest(run, store)
-        r = subprocess.run(
-            [sys.executable, "-m", "cmdtool", "decompose", str(store)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=120,
-        )
+        r = run_cli("decompose", store, cwd=REPO, env=dict(os.environ), timeout=120)
         assert r.returncode == 6 and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and str(holder.pid) in r.stderr
         assert TrajectoryStore.open(store).n_epochs == 4  # readers don't need the lock

@@ -5,7 +5,7 @@ never gives other numbers."""
 from __future__ import annotations
 
 import json
-import subprocess
+import os
 import sys
 import types
 from pathlib import Path
@@ -20,6 +20,7 @@ from cmdtool.store import pipeline
 from cmdtool.store.integrity import WRITE_CONFIG
 from cmdtool.store.layout import EpochInfo, ParamInfo
 from cmdtool.store.trajectory import TrajectoryStore
+from tests.conftest import run_cli
 
 zarrs = pytest.importorskip("zarrs")
 
@@ -165,13 +166,9 @@ def test_env_selects_zarr_python_silently(tmp_path: Path, monkeypatch, capsys) -
 def test_info_json_names_the_pipeline(tmp_path: Path) -> None:
     path = _store(tmp_path / "s", _values(6))
     for env, reads in (("auto", "zarrs"), ("zarr-python", "zarr-python")):
-        r = subprocess.run(
-            [sys.executable, "-m", "cmdtool", "info", str(path), "--json"],
-            capture_output=True,
-            text=True,
-            env={**__import__("os").environ, pipeline.ENV: env},
-            timeout=120,
-        )
+        # a process of its own (the fork server's child: the choice is made at the first
+        # read, from the child's environment, not at import)
+        r = run_cli("info", path, "--json", env={**os.environ, pipeline.ENV: env}, timeout=120)
         assert r.returncode == 0, r.stderr
         got = json.loads(r.stdout)["codec_pipeline"]
         assert got["reads"] == reads and got["writes"] == "zarr-python"

@@ -12,7 +12,6 @@ from the copies (``w_hat = a * weights[t, ref_index][labels] + b``, the README's
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -32,7 +31,7 @@ from cmdtool.errors import StoreError
 from cmdtool.ingestion import ingest
 from cmdtool.reconstruction import reconstruct
 from cmdtool.store import TrajectoryStore
-from tests.conftest import REPO, n_modeled, planted, state_dicts, write_run
+from tests.conftest import REPO, n_modeled, planted, run_cli, state_dicts, write_run
 
 CHUNK = 1024  # 4 chunks of N = 3224: one read of labels, a or b is 4 file reads
 T = 8
@@ -415,15 +414,8 @@ def test_cli_reconstruct_while_decompose_republishes_writes_one_version(base, st
     )
     try:
         assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
-        exe = Path(sys.executable).with_name("cmdtool")
-        env = {**os.environ, "COLUMNS": "200"}
-        r = subprocess.run(
-            [str(exe), "reconstruct", str(store), str(out), "--epochs", "all"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
+        # the console script's main(), a process forked from the session's fork server
+        r = run_cli("reconstruct", store, out, "--epochs", "all", timeout=300)
         ended = time.time()
         tail = writer.communicate(timeout=300)[0]
     finally:
