@@ -56,6 +56,10 @@ def _cases():
     yield "duplicates", w
     yield "grid", np.round(rng.normal(size=(250, 6)))  # many equal |corr| values
     yield "k1000", planted(1000, 50, 8, seed=4, noise=1.0)[0]
+    # every sample follows one trajectory up to scale, rounded to float32 (weight decay
+    # alone does this): all |corr| rows nearly equal, which the plain Gram form cancels on
+    base = rng.normal(size=(800, 1))
+    yield "one trajectory", (base * (1 + 0.1 * np.arange(12))).astype(np.float32).astype(float)
 
 
 def _scipy_modes(c: np.ndarray, n_modes, threshold):
