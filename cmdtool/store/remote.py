@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import zarr
@@ -64,6 +64,16 @@ RESULTS_ATTR = "cmdtool_results"
 #: Prefix of the folder of one version of a decomposition.
 VERSION_PREFIX = ".version-"
 _OWN_NAMES = {WEIGHTS, POOL, POOL_INDEX, EXTRAS, "zarr.json", LEASE_NAME}
+
+
+def _failed_open(exc: BaseException, url: str, lease: ObjectLease | None) -> NoReturn:
+    """Opening or creating the store at ``url`` failed with ``exc``: give the lease back
+    and raise it as a one-line cmdtool error (a KeyboardInterrupt as it is)."""
+    if lease is not None:
+        lease.release()
+    if isinstance(exc, Exception) and not isinstance(exc, CmdtoolError):
+        raise translate(exc, url) from exc
+    raise exc
 
 
 class StoreURL(str):
@@ -189,13 +199,7 @@ class RemoteTrajectoryStore(TrajectoryStore):
             if writable:
                 store._recover()
         except BaseException as exc:
-            if lease is not None:
-                lease.release()
-            if isinstance(exc, CmdtoolError):
-                raise
-            if isinstance(exc, Exception):
-                raise translate(exc, url) from exc
-            raise
+            _failed_open(exc, url, lease)
         return store
 
     @staticmethod
@@ -243,12 +247,7 @@ class RemoteTrajectoryStore(TrajectoryStore):
                         True, lease)
             store._root_etag = etag
         except BaseException as exc:
-            lease.release()
-            if isinstance(exc, CmdtoolError):
-                raise
-            if isinstance(exc, Exception):
-                raise translate(exc, url) from exc
-            raise
+            _failed_open(exc, url, lease)
         return store
 
     # ------------------------------------------------------------------ commits
@@ -296,21 +295,9 @@ class RemoteTrajectoryStore(TrajectoryStore):
         for i in range(0, len(keys), 500):
             obstore.delete(self.objects, keys[i : i + 500])
 
-    def _check_result(self, pin: ResultPin, group: zarr.Group) -> None:
-        from cmdtool.store.validate import validate_result
-
-        key = (pin.folder, pin.generation, self.n_epochs)
-        if key in self._checked_results:
-            return
-        try:
-            validate_result(
-                self.path, pin.name, group, self.n_params, self.n_epochs, self.format_version
-            )
-        except StoreError:
-            if not pin.is_current():
-                raise pin.changed() from None
-            raise
-        self._checked_results.add(key)
+    def _result_version(self, pin: ResultPin) -> tuple[object, ...]:
+        # a version folder is written once under its generation: no metadata to stat
+        return (pin.folder, pin.generation, self.n_epochs)
 
     # ------------------------------------------------------------------ results
     def _recover_results(self) -> None:

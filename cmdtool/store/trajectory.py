@@ -244,12 +244,7 @@ class TrajectoryStore(ResultGroups):
         """Validate a decomposition's arrays against this store (once per version and
         process): a StoreError naming the first inconsistency, or ResultChangedError
         when a writer republished it meanwhile."""
-        meta = self.path / pin.folder / "zarr.json"
-        try:
-            st = meta.stat()
-        except OSError:
-            raise pin.changed() from None
-        key = (pin.folder, st.st_ino, st.st_mtime_ns, st.st_size, self.n_epochs)
+        key = self._result_version(pin)
         if key in self._checked_results:
             return
         try:
@@ -261,6 +256,15 @@ class TrajectoryStore(ResultGroups):
                 raise pin.changed() from None
             raise
         self._checked_results.add(key)
+
+    def _result_version(self, pin: ResultPin) -> tuple[object, ...]:
+        """What identifies the version of ``pin``'s group that :meth:`_check_result`
+        validated (with the epochs it was checked against): its metadata file's identity."""
+        try:
+            st = (self.path / pin.folder / "zarr.json").stat()
+        except OSError:
+            raise pin.changed() from None
+        return (pin.folder, st.st_ino, st.st_mtime_ns, st.st_size, self.n_epochs)
 
     # --------------------------------------------------------------- properties
     @property
